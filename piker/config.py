@@ -1,0 +1,288 @@
+"""Paths, the ``bot.toml`` schema, loading, and crash-safe TOML writes.
+
+Every config table is a frozen msgspec Struct with ``forbid_unknown_fields``:
+a typo in ``bot.toml`` is an error naming the key path, never silently ignored.
+State files are only ever written through :func:`write_toml_atomic`.
+"""
+from __future__ import annotations
+
+import decimal
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import tomli_w
+
+DEFAULT_REGISTRY_PORT = 6116
+DEFAULT_CONFIG_NAME = 'bot.toml'
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``str()`` is one line naming file and key."""
+
+
+class Cfg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base for config tables."""
+
+
+class RegistryCfg(Cfg):
+    host: str = '127.0.0.1'
+    port: Port = DEFAULT_REGISTRY_PORT
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+class HealthCfg(Cfg):
+    heartbeat_secs: PositiveFloat = 1.0
+    # an actor silent for longer than this is reported stale
+    stale_after_secs: PositiveFloat = 5.0
+
+
+class SimCfg(Cfg):
+    seed: int = 7
+    quote_rate_hz: PositiveFloat = 20.0
+    markets: list[str] = msgspec.field(default_factory=list)
+
+
+class ReplayCfg(Cfg):
+    # directory holding ``<symbol>.csv`` files (see piker/brokers/replay)
+    data_dir: str = 'data/replay'
+    speed: PositiveFloat = 1.0
+    timeframe_secs: PositiveInt = 60
+
+
+class IbAccountsCfg(Cfg):
+    # maps an account alias used in bot.toml to IB's account code (e.g. paper = "DU123456")
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class IbCfg(Cfg):
+    host: str = '127.0.0.1'
+    # tried in order: gateway live/paper, TWS live/paper
+    ports: list[Port] = msgspec.field(default_factory=lambda: [4002, 4001, 7497, 7496])
+    base_client_id: NonNegInt = 100
+    connect_timeout_secs: PositiveFloat = 10.0
+    accounts: dict[str, str] = msgspec.field(default_factory=dict)
+    reconnect_max_backoff_secs: PositiveFloat = 30.0
+
+
+class BrokersCfg(Cfg):
+    sim: SimCfg = msgspec.field(default_factory=SimCfg)
+    replay: ReplayCfg = msgspec.field(default_factory=ReplayCfg)
+    ib: IbCfg = msgspec.field(default_factory=IbCfg)
+
+
+class RiskCfg(Cfg):
+    max_order_size: PositiveFloat = 100.0
+    max_position: PositiveFloat = 1_000.0
+    max_notional: PositiveFloat = 1_000_000.0
+    max_orders_per_min: PositiveInt = 120
+    # a limit/stop price further than this fraction from the last quote is rejected
+    price_band_frac: PositiveFloat = 0.05
+    # realized + unrealized loss for the UTC day at which new orders halt
+    daily_loss_limit: PositiveFloat = 10_000.0
+
+
+class FeesCfg(Cfg):
+    per_unit: NonNegFloat = 0.0
+    per_order: NonNegFloat = 0.0
+    bps: NonNegFloat = 0.0
+
+
+class PaperCfg(Cfg):
+    fees: FeesCfg = msgspec.field(default_factory=FeesCfg)
+    # per-fqme overrides of the fee schedule
+    fees_by_market: dict[str, FeesCfg] = msgspec.field(default_factory=dict)
+
+
+class WindowCfg(Cfg):
+    days: str = 'mon-fri'
+    start: str = '09:30'
+    end: str = '16:00'
+    timezone: str = 'America/New_York'
+
+
+class CronJobCfg(Cfg):
+    action: Literal['flatten', 'cancel_all', 'halt', 'resume']
+    # crontab fields as APScheduler's CronTrigger takes them
+    day_of_week: str = '*'
+    hour: str = '*'
+    minute: str = '0'
+    second: str = '0'
+    timezone: str = 'UTC'
+
+
+class ScheduleCfg(Cfg):
+    window: WindowCfg | None = None
+    jobs: list[CronJobCfg] = msgspec.field(default_factory=list)
+
+
+class StrategyCfg(Cfg):
+    name: str
+    # a module in strategies/ (``sma_cross``) or a dotted path (``pkg.mod:Class``)
+    strategy: str
+    markets: list[str]
+    timeframe_secs: PositiveInt = 60
+    account: str = 'paper'
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    on_error: Literal['cancel', 'cancel_and_flatten', 'leave'] = 'cancel'
+    schedule: ScheduleCfg = msgspec.field(default_factory=ScheduleCfg)
+
+
+class BotCfg(Cfg):
+    name: str = 'piker-bot'
+    mode: Literal['paper', 'live'] = 'paper'
+    registry: RegistryCfg = msgspec.field(default_factory=RegistryCfg)
+    state_dir: str | None = None
+    log_level: Literal['debug', 'info', 'warning', 'error'] = 'info'
+    # the backend serving market data (and, in live mode, orders)
+    backend: Literal['sim', 'replay', 'ib'] = 'sim'
+    health: HealthCfg = msgspec.field(default_factory=HealthCfg)
+    brokers: BrokersCfg = msgspec.field(default_factory=BrokersCfg)
+    risk: RiskCfg = msgspec.field(default_factory=RiskCfg)
+    paper: PaperCfg = msgspec.field(default_factory=PaperCfg)
+    strategies: list[StrategyCfg] = msgspec.field(default_factory=list)
+    # seconds for the whole tree to stop on SIGTERM before it gives up waiting
+    stop_timeout_secs: PositiveFloat = 20.0
+
+
+def _fix_hint(err: str) -> str:
+    if 'Object contains unknown field' in err:
+        return ' (remove it or check its spelling)'
+    return ''
+
+
+def load_config(path: str | os.PathLike[str]) -> BotCfg:
+    """Read and validate ``path``; raise :class:`ConfigError` with one clear line."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f'{p}: no such config file (pass `-c FILE` or create ./{DEFAULT_CONFIG_NAME})'
+        ) from None
+    except OSError as err:
+        raise ConfigError(f'{p}: cannot read: {err.strerror}') from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ConfigError(f'{p}: not UTF-8 text') from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f'{p}: invalid TOML: {err}') from None
+    return parse_config(data, source=str(p))
+
+
+def parse_config(data: dict[str, Any], source: str = '<config>') -> BotCfg:
+    try:
+        cfg = msgspec.convert(data, BotCfg)
+    except msgspec.ValidationError as err:
+        msg = str(err)
+        raise ConfigError(f'{source}: {msg}{_fix_hint(msg)}') from None
+    names = [s.name for s in cfg.strategies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f'{source}: duplicate strategy name {dupes[0]!r} - at `$.strategies` '
+            '(each [[strategies]] entry needs a unique `name`)'
+        )
+    return cfg
+
+
+# -- paths -------------------------------------------------------------------
+
+def state_dir(cli_value: str | None = None, cfg: BotCfg | None = None) -> Path:
+    """Where state lives: ``--state-dir``, ``$STATE_DIRECTORY`` (systemd, first of a
+    colon-separated list), ``state_dir`` in bot.toml, then the XDG state dir."""
+    if cli_value:
+        base = Path(cli_value)
+    elif os.environ.get('PIKER_STATE_DIR'):
+        base = Path(os.environ['PIKER_STATE_DIR'])
+    elif os.environ.get('STATE_DIRECTORY'):
+        base = Path(os.environ['STATE_DIRECTORY'].split(':')[0])
+    elif cfg is not None and cfg.state_dir:
+        base = Path(cfg.state_dir).expanduser()
+    else:
+        xdg = os.environ.get('XDG_STATE_HOME') or str(Path.home() / '.local' / 'state')
+        base = Path(xdg) / 'piker-bot'
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+# -- crash-safe TOML ---------------------------------------------------------
+
+def _plain(obj: Any) -> Any:
+    """Make msgspec Structs and other containers TOML-serialisable; drop Nones
+    (TOML has no null)."""
+    if isinstance(obj, msgspec.Struct):
+        obj = msgspec.to_builtins(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj if v is not None]
+    return obj
+
+
+def write_toml_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Replace ``path`` with ``data`` as TOML so that a crash at any instant leaves
+    either the old or the new file, never a torn one.
+
+    temp file in the same dir -> write -> fsync -> ``os.replace`` -> fsync the dir.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    payload = tomli_w.dumps(_plain(data)).encode()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_toml(path: str | os.PathLike[str], exact: bool = False) -> dict[str, Any]:
+    """Read a state file; ``{}`` when absent. ``exact`` reads floats as Decimal."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        return {}
+    parse_float = decimal.Decimal if exact else float
+    try:
+        return tomllib.loads(raw.decode(), parse_float=parse_float)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f'{p}: corrupt state file: {err}') from None
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
+    """Delete temp files a crashed writer left behind; returns how many."""
+    n = 0
+    for tmp in Path(directory).glob('.*.tmp'):
+        try:
+            tmp.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n

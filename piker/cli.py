@@ -1,0 +1,190 @@
+"""``piker ...`` commands.
+
+Commands that talk to a running tree attach to pikerd on the registry address
+(``registry`` in bot.toml, or ``--registry HOST:PORT``). Errors a user can fix
+are one line on stderr and exit status 2; no tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import trio
+
+from . import config as _config
+from .config import BotCfg, ConfigError
+
+EXIT_USAGE = 2
+
+
+def fail(msg: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f'piker: error: {msg}', err=True)
+    sys.exit(code)
+
+
+class Ctx:
+    """What every command needs: the config, its source, and overrides."""
+
+    def __init__(self, cfg: BotCfg, source: str | None, registry: tuple[str, int],
+                 state_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.registry = registry
+        self.state_dir_override = state_dir
+
+    def state_dir(self) -> Path:
+        return _config.state_dir(
+            str(self.state_dir_override) if self.state_dir_override else None, self.cfg)
+
+
+def parse_registry(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(':')
+    try:
+        return (host or '127.0.0.1', int(port))
+    except ValueError:
+        fail(f'bad --registry {text!r}: expected HOST:PORT (e.g. 127.0.0.1:6116)')
+
+
+def load_ctx(config_path: str | None, registry: str | None, state_dir: str | None,
+             require_file: bool = False) -> Ctx:
+    source: str | None = None
+    try:
+        if config_path:
+            cfg = _config.load_config(config_path)
+            source = config_path
+        elif Path(_config.DEFAULT_CONFIG_NAME).exists():
+            cfg = _config.load_config(_config.DEFAULT_CONFIG_NAME)
+            source = _config.DEFAULT_CONFIG_NAME
+        elif require_file:
+            fail(f'no config: pass `-c FILE` or create ./{_config.DEFAULT_CONFIG_NAME}')
+        else:
+            cfg = BotCfg()
+    except ConfigError as err:
+        fail(str(err))
+    reg = parse_registry(registry) if registry else cfg.registry.addr
+    return Ctx(cfg, source, reg, Path(state_dir) if state_dir else None)
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option('--state-dir', default=None, type=click.Path(file_okay=False),
+                      help='state directory (default: $STATE_DIRECTORY or XDG state dir)')(fn)
+    fn = click.option('--registry', default=None, metavar='HOST:PORT',
+                      help='registry address (default: `registry` in bot.toml, 127.0.0.1:6116)')(fn)
+    fn = click.option('-c', '--config', 'config_path', default=None,
+                      type=click.Path(dir_okay=False),
+                      help='bot config file (default: ./bot.toml)')(fn)
+    return fn
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` under trio, turning user-fixable errors into one line."""
+    from .service import RuntimeStartupError, ServiceUnavailable
+    try:
+        return trio.run(fn, *args)
+    except (ConfigError, RuntimeStartupError, ServiceUnavailable) as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def emit_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        click.echo('(none)')
+        return
+    cells = [[('' if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo('  '.join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo('  '.join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+@click.group(context_settings={'help_option_names': ['-h', '--help']})
+def main() -> None:
+    """piker-bot: an unattended trading service on a tractor actor tree."""
+
+
+# -- pikerd ------------------------------------------------------------------
+
+async def _serve_until_signal(ctx: Ctx) -> None:
+    from .log import get_logger
+    from .service import open_runtime
+    log = get_logger('piker.cli')
+    cfg = ctx.cfg
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async with open_runtime(
+            'pikerd', ctx.registry, loglevel=cfg.log_level,
+            heartbeat_secs=cfg.health.heartbeat_secs,
+            stale_after_secs=cfg.health.stale_after_secs,
+            state_dir=str(ctx.state_dir()), require_pikerd=True,
+            stop_timeout_secs=cfg.stop_timeout_secs,
+        ):
+            async for signum in sigs:
+                log.info('pikerd.signal', signal=signal.Signals(signum).name)
+                break
+
+
+@main.command()
+@common_options
+def pikerd(config_path: str | None, registry: str | None, state_dir: str | None) -> None:
+    """Run the root actor (registry + service manager) in the foreground."""
+    ctx = load_ctx(config_path, registry, state_dir)
+    run_trio(_serve_until_signal, ctx)
+
+
+# -- services ----------------------------------------------------------------
+
+async def _service_table(ctx: Ctx) -> dict[str, Any]:
+    from .service import PIKERD, find_service, open_runtime, registry_answers
+    if not registry_answers(ctx.registry):
+        fail(f'no pikerd is running on {ctx.registry[0]}:{ctx.registry[1]} '
+             '(start one with `piker pikerd` or `piker bot run`)', code=1)
+    async with open_runtime('piker-cli', ctx.registry, loglevel='warning'):
+        async with find_service(PIKERD) as portal:
+            if portal is None:
+                fail('the registry answered but pikerd is not registered', code=1)
+            with trio.fail_after(10):
+                return await portal.run_from_ns('piker.service._rpc', 'service_table')
+
+
+@main.command()
+@common_options
+@click.option('--json', 'as_json', is_flag=True, help='print JSON instead of a table')
+def services(config_path: str | None, registry: str | None, state_dir: str | None,
+             as_json: bool) -> None:
+    """List the actors of a running tree with their liveness."""
+    ctx = load_ctx(config_path, registry, state_dir)
+    table = run_trio(_service_table, ctx)
+    if as_json:
+        click.echo(json.dumps(table))
+        return
+    emit_table(table['actors'], ['name', 'kind', 'pid', 'addr', 'heartbeat_age_secs', 'state'])
+
+
+# -- bot -----------------------------------------------------------------------
+
+@main.group()
+def bot() -> None:
+    """Run and inspect strategy bots."""
+
+
+@bot.command('check')
+@common_options
+def bot_check(config_path: str | None, registry: str | None, state_dir: str | None) -> None:
+    """Validate a bot config file (and its strategies)."""
+    ctx = load_ctx(config_path, registry, state_dir, require_file=True)
+    click.echo(f'{ctx.source}: ok ({len(ctx.cfg.strategies)} strategies, mode={ctx.cfg.mode})')
+
+
+def _register_extensions() -> None:
+    """Commands contributed by the sub-packages."""
+    for mod in ():
+        __import__(mod)
+
+
+if __name__ == '__main__':  # pragma: no cover
+    main()

@@ -1,0 +1,151 @@
+"""Opening the actor runtime: become pikerd, or attach to the running one.
+
+``open_runtime()`` probes the registry address. Nothing answering means this
+process becomes **pikerd**: the tractor registry, the service manager
+(:class:`Services`) and the health daemon. Otherwise it joins the running tree
+as an ordinary root, and daemons it asks for are still started (and owned) by
+pikerd.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+import tractor
+import trio
+
+from ..log import get_logger, setup_logging
+from ._health import healthd_init, run_heartbeat
+from ._services import Services
+
+log = get_logger(__name__)
+
+PIKERD = 'pikerd'
+STARTUP_TIMEOUT_SECS = 30.0
+
+# modules pikerd exposes over RPC (the minimum: spawn/list/stop services)
+PIKERD_MODULES = ['piker.service._rpc']
+
+_services: Services | None = None
+
+
+class RuntimeStartupError(RuntimeError):
+    """The runtime could not start; the text names the cause and the fix."""
+
+
+class Runtime(msgspec.Struct, kw_only=True):
+    name: str
+    registry_addr: tuple[str, int]
+    is_pikerd: bool
+    services: Services | None = None
+
+
+def get_services() -> Services | None:
+    """This process's service manager, when this process is pikerd."""
+    return _services
+
+
+def registry_answers(addr: tuple[str, int], timeout_secs: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on the registry address."""
+    try:
+        with socket.create_connection(addr, timeout=timeout_secs):
+            return True
+    except OSError:
+        return False
+
+
+def _export_env(loglevel: str | None, heartbeat_secs: float | None,
+                state_dir: str | None) -> None:
+    # children inherit the environment at spawn time
+    if loglevel:
+        os.environ['PIKER_LOG_LEVEL'] = loglevel
+    if heartbeat_secs:
+        os.environ['PIKER_HEARTBEAT_SECS'] = str(heartbeat_secs)
+    if state_dir:
+        os.environ['PIKER_STATE_DIR'] = str(state_dir)
+
+
+@asynccontextmanager
+async def open_runtime(
+    name: str,
+    registry_addr: tuple[str, int],
+    *,
+    loglevel: str | None = None,
+    heartbeat_secs: float = 1.0,
+    stale_after_secs: float = 5.0,
+    state_dir: str | None = None,
+    require_pikerd: bool = False,
+    stop_timeout_secs: float = 20.0,
+    enable_modules: list[str] | None = None,
+) -> AsyncIterator[Runtime]:
+    """Open this process's root actor on ``registry_addr`` (see module doc).
+
+    ``require_pikerd``: fail if a pikerd already answers (``piker pikerd``).
+    On exit as pikerd, daemons are stopped tier by tier within
+    ``stop_timeout_secs``.
+    """
+    global _services
+    registry_addr = (registry_addr[0], int(registry_addr[1]))
+    _export_env(loglevel, heartbeat_secs, state_dir)
+    setup_logging(loglevel, actor=name)
+    attach = registry_answers(registry_addr)
+    if attach and require_pikerd:
+        raise RuntimeStartupError(
+            f'a pikerd already answers on {registry_addr[0]}:{registry_addr[1]}; stop it first '
+            'or choose another registry port (`registry.port` in bot.toml or `--registry`)'
+        )
+    root_name = name if attach else PIKERD
+    modules = list(enable_modules or [])
+    if not attach:
+        modules += PIKERD_MODULES
+    try:
+        async with tractor.open_root_actor(
+            name=root_name, arbiter_addr=registry_addr, loglevel='error',
+            enable_modules=modules,
+        ) as actor:
+            setup_logging(loglevel, actor=root_name)
+            if not actor.is_arbiter:
+                log.info('runtime.attached',
+                         registry=f'{registry_addr[0]}:{registry_addr[1]}')
+                yield Runtime(name=root_name, registry_addr=registry_addr, is_pikerd=False)
+            else:
+                async with _open_pikerd(registry_addr, heartbeat_secs, stale_after_secs,
+                                        stop_timeout_secs) as rt:
+                    yield rt
+    finally:
+        _services = None
+
+
+@asynccontextmanager
+async def _open_pikerd(registry_addr: tuple[str, int], heartbeat_secs: float,
+                       stale_after_secs: float, stop_timeout_secs: float,
+                       ) -> AsyncIterator[Runtime]:
+    global _services
+    log.info('pikerd.starting', registry=f'{registry_addr[0]}:{registry_addr[1]}',
+             pid=os.getpid())
+    async with tractor.open_nursery() as an:
+        try:
+            async with trio.open_nursery() as nursery:
+                services = Services(an, nursery)
+                _services = services
+                with trio.fail_after(STARTUP_TIMEOUT_SECS):
+                    await services.ensure(healthd_init(
+                        stale_after_secs=stale_after_secs, heartbeat_secs=heartbeat_secs))
+                await nursery.start(run_heartbeat, PIKERD, PIKERD, heartbeat_secs)
+                log.info('pikerd.ready', registry=f'{registry_addr[0]}:{registry_addr[1]}')
+                try:
+                    yield Runtime(name=PIKERD, registry_addr=registry_addr,
+                                  is_pikerd=True, services=services)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        log.info('pikerd.stopping', services=len(services.list()))
+                        await services.shutdown(stop_timeout_secs)
+                        nursery.cancel_scope.cancel()
+        finally:
+            _services = None
+            with trio.CancelScope(shield=True), trio.move_on_after(stop_timeout_secs):
+                await an.cancel()
+    log.info('pikerd.stopped')

@@ -1,0 +1,69 @@
+"""What pikerd needs to know to start one daemon: :class:`DaemonSpec`.
+
+Each daemon kind's ``<kind>_init()`` returns one. The spec travels as plain
+data; the lifetime fixture is named by ``module:function`` so pikerd imports it
+itself rather than trusting a callable from a client.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+# shutdown order: lower tiers stop first (strategies before order dialogs,
+# order dialogs before feeds, feeds before the health service)
+TIER_STRATEGY = 0
+TIER_ORDERS = 1
+TIER_BROKER = 2
+TIER_FEEDS = 3
+TIER_HEALTH = 4
+
+
+class DaemonSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: str
+    # ``module:function`` of the kind's ``@tractor.context`` lifetime fixture
+    fixture: str
+    enable_modules: list[str]
+    fixture_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    infect_asyncio: bool = False
+    tier: int = TIER_FEEDS
+    # a daemon whose loss makes the whole service unhealthy (drives the watchdog)
+    critical: bool = True
+
+
+class SpecError(ValueError):
+    """A daemon init path that does not name a piker daemon-kind init function."""
+
+
+def import_path(path: str) -> Any:
+    """Resolve ``piker.pkg.mod:attr``; only piker's own modules are importable
+    this way, since the path may arrive over (unauthenticated) IPC."""
+    mod_name, _, attr = path.partition(':')
+    if not attr or not any(mod_name == p or mod_name.startswith(p + '.') for p in _prefixes()):
+        raise SpecError(f'bad daemon path {path!r}: expected `piker.<module>:<function>`')
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise SpecError(f'bad daemon path {path!r}: {err}') from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise SpecError(f'bad daemon path {path!r}: no `{attr}` in {mod_name}') from None
+
+
+def _prefixes() -> list[str]:
+    # test suites add their own daemon modules through this variable
+    extra = os.environ.get('PIKER_EXTRA_DAEMON_PREFIXES', '')
+    return ['piker', *filter(None, extra.split(','))]
+
+
+def resolve_spec(init: str, kwargs: dict[str, Any]) -> DaemonSpec:
+    init_fn: Callable[..., DaemonSpec] = import_path(init)
+    spec = init_fn(**kwargs)
+    if not isinstance(spec, DaemonSpec):
+        raise SpecError(f'{init} returned {type(spec).__name__}, expected DaemonSpec')
+    return spec

@@ -1,0 +1,46 @@
+"""A minimal daemon kind for service-manager tests: ``echod.<tag>``.
+
+It follows the same per-kind convention as the real daemons (lifetime
+fixture, ``*_init``, ``maybe_spawn_*``).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import tractor
+import trio
+
+from piker.service import DaemonSpec, daemon_lifetime, maybe_spawn_daemon
+
+_spawn_count = 0
+
+
+@tractor.context
+async def _setup_persistent_echod(ctx: tractor.Context, slow_start_secs: float = 0.0) -> None:
+    async with daemon_lifetime('echod'):
+        # widen the window in which a second caller could race the first
+        await trio.sleep(slow_start_secs)
+        await ctx.started({'pid': os.getpid()})
+        await trio.sleep_forever()
+
+
+def echod_init(tag: str = 'a', slow_start_secs: float = 0.0) -> DaemonSpec:
+    return DaemonSpec(
+        name=f'echod.{tag}', kind='echod',
+        fixture='tests._daemons:_setup_persistent_echod',
+        enable_modules=['tests._daemons'],
+        fixture_kwargs={'slow_start_secs': slow_start_secs},
+    )
+
+
+@asynccontextmanager
+async def maybe_spawn_echod(**kwargs: Any) -> AsyncIterator[tractor.Portal]:
+    async with maybe_spawn_daemon('tests._daemons:echod_init', **kwargs) as portal:
+        yield portal
+
+
+async def whoami() -> dict[str, Any]:
+    return {'pid': os.getpid(), 'name': tractor.current_actor().name}

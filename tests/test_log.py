@@ -1,0 +1,333 @@
+"""piker.log: the one-pipeline-per-process contract, checked on real output.
+
+Every case runs a small Python subprocess (logging setup is process-global)
+and inspects what actually reached its stdout/stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from piker import log as piker_log
+from tests import _logprobe
+
+REPO = Path(__file__).resolve().parent.parent
+NOISE = ('TrioDeprecationWarning', 'MultiError')
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ('JOURNAL_STREAM', 'PIKER_LOG_FORMAT', 'PIKER_LOG_LEVEL', 'PYTHONWARNINGS')
+    }
+    env.update(extra)
+    return env
+
+
+def _run(code: str, stdout: int = subprocess.PIPE, timeout: float = 30, **env: str,
+         ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, '-c', textwrap.dedent(code)],
+        cwd=REPO, env=_env(**env), stdout=stdout, stderr=subprocess.PIPE, timeout=timeout,
+    )
+
+
+def _records(raw: bytes) -> list[dict]:
+    text = raw.decode()
+    assert text.endswith('\n'), f'stdout must end with a newline: {text[-200:]!r}'
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _assert_well_formed(rec: dict) -> None:
+    for key in ('timestamp', 'level', 'actor', 'logger', 'event', 'pid'):
+        assert key in rec, f'{key!r} missing from {rec}'
+    assert rec['timestamp'].endswith('Z'), rec['timestamp']
+
+
+def _frames(exceptions: list[dict]) -> list[dict]:
+    out = []
+    for exc in exceptions:
+        out += exc.get('frames', [])
+        out += _frames(exc.get('exceptions', []))
+    return out
+
+
+@pytest.fixture
+def reg_port() -> int:
+    """A free loopback port so every tree gets its own registry."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+EMIT = '''
+import logging, warnings, sys
+from piker.log import get_logger, setup_logging, bind_contextvars
+log = get_logger('piker.t')
+'''
+
+
+def test_tractor_tree_stdout_json_lines_each_record_once(reg_port: int) -> None:
+    proc = subprocess.run(
+        [sys.executable, '-m', 'tests._logprobe', 'tree', str(reg_port), '--quiet-aio'],
+        cwd=REPO, env=_env(), capture_output=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    for text in (out, err):
+        assert '\x1b[' not in text
+        for word in NOISE:
+            assert word not in text
+    assert _logprobe.SECRET not in out
+    assert 'CancelledError' not in out, 'quiet_asyncio_noise() should drop teardown noise'
+    recs = _records(proc.stdout)
+    for rec in recs:
+        _assert_well_formed(rec)
+
+    actors = ('root', 'child1', 'child2', 'aio')
+    pids = {}
+    for actor in actors:
+        mine = [r for r in recs if r['actor'] == actor]
+        pids[actor] = {r['pid'] for r in mine}
+        events = [r['event'] for r in mine if r['event'].startswith('probe.')]
+        for name in _logprobe.PROBE_EVENTS:
+            assert events.count(name) == 1, f'{actor}: {name} x{events.count(name)}'
+        warned = [r for r in mine if r['logger'] == 'py.warnings']
+        assert len(warned) == 1 and 'probe.warning' in warned[0]['event']
+        for r in mine:
+            if r['event'].startswith('probe.'):
+                assert r['strategy'] == f'strat-{actor}' and r['fqme'] == 'btcusd.sim'
+        failed = next(r for r in mine if r['event'] == 'probe.failed')
+        assert failed['level'] == 'error'
+        assert failed['exception'][0]['exc_type'] == 'ValueError'
+        for frame in _frames(failed['exception']):
+            assert 'locals' not in frame
+        tractor_rec = next(r for r in mine if r['event'] == 'probe.tractor')
+        assert tractor_rec['logger'] == 'tractor.probe'
+    assert all(len(p) == 1 for p in pids.values()), pids
+    assert len({next(iter(p)) for p in pids.values()}) == len(actors)
+
+
+def test_third_party_records_once_without_locals_or_noise() -> None:
+    proc = _run(EMIT + '''
+import tractor, tractor.log, trio
+setup_logging('info')
+setup_logging('info')                      # re-applied, never duplicated
+tractor.log.get_console_log('info')        # what open_root_actor() does
+bind_contextvars(strategy='s1', oid='o-1')
+log.info('ours', qty=3)
+for name in ('trio', 'tractor.x', 'ib_async.client', 'asyncio', 'apscheduler.scheduler'):
+    logging.getLogger(name).warning('from %s', name)
+warnings.warn('deprecated thing', DeprecationWarning)
+def leak(api_key):
+    secret_local = api_key
+    raise KeyError('nope')
+try:
+    leak('SECRET-XYZ')
+except KeyError:
+    log.exception('ours.failed')
+    logging.getLogger('ib_async.wrapper').error('theirs.failed', exc_info=True)
+''')
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b''
+    out = proc.stdout.decode()
+    assert 'SECRET-XYZ' not in out and '\x1b[' not in out
+    recs = _records(proc.stdout)
+    events = [r['event'] for r in recs]
+    expected = ['ours', 'from trio', 'from tractor.x', 'from ib_async.client', 'from asyncio',
+                'from apscheduler.scheduler']
+    assert events[:6] == expected
+    assert sum('deprecated thing' in e for e in events) == 1
+    assert events[-2:] == ['ours.failed', 'theirs.failed']
+    for rec in recs:
+        _assert_well_formed(rec)
+        assert rec['actor'] == 'piker' and rec['strategy'] == 's1' and rec['oid'] == 'o-1'
+    for rec in recs[-2:]:
+        assert rec['exception'][0]['exc_value'] == "'nope'"
+        assert [f['name'] for f in rec['exception'][0]['frames']] == ['<module>', 'leak']
+        assert all(set(f) == {'filename', 'lineno', 'name'} for f in rec['exception'][0]['frames'])
+
+
+def test_each_record_is_one_write() -> None:
+    # SOCK_SEQPACKET keeps write boundaries: one packet per write() call
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        for unbuffered in ('1', ''):
+            proc = _run(EMIT + '''
+setup_logging('info')
+for i in range(20):
+    log.info('tick', i=i, pad='x' * (i * 300))
+logging.getLogger('trio').warning('stdlib too')
+''', stdout=theirs.fileno(), PYTHONUNBUFFERED=unbuffered)
+            assert proc.returncode == 0, proc.stderr.decode()
+            ours.setblocking(False)
+            packets = []
+            while True:
+                try:
+                    packets.append(ours.recv(1 << 20))
+                except BlockingIOError:
+                    break
+            assert len(packets) == 21
+            for pkt in packets:
+                assert pkt.endswith(b'\n') and pkt.count(b'\n') == 1
+                json.loads(pkt)
+
+
+def test_journal_stream_matching_stdout_gets_priority_prefix() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        st = os.fstat(theirs.fileno())
+        proc = _run(EMIT + '''
+setup_logging('debug')
+log.debug('d'); log.info('i'); log.warning('w'); log.error('e'); log.critical('c')
+logging.getLogger('trio').error('stdlib')
+''', stdout=theirs.fileno(), JOURNAL_STREAM=f'{st.st_dev}:{st.st_ino}')
+        assert proc.returncode == 0, proc.stderr.decode()
+        theirs.close()
+        raw = b''
+        while chunk := ours.recv(65536):
+            raw += chunk
+    lines = raw.decode().splitlines()
+    prios = [line[:3] for line in lines]
+    assert prios == ['<7>', '<6>', '<4>', '<3>', '<2>', '<3>']
+    assert [json.loads(line[3:])['event'] for line in lines] == ['d', 'i', 'w', 'e', 'c', 'stdlib']
+
+
+def test_journal_stream_of_another_file_gives_no_prefix() -> None:
+    with tempfile.TemporaryFile() as other:
+        st = os.fstat(other.fileno())
+        proc = _run(EMIT + '''
+setup_logging('info')
+log.warning('w')
+''', JOURNAL_STREAM=f'{st.st_dev}:{st.st_ino}')
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b'{')
+    assert _records(proc.stdout)[0]['event'] == 'w'
+
+
+def test_oversized_record_capped_and_marked_truncated() -> None:
+    proc = _run(EMIT + '''
+setup_logging('info')
+def deep(n):
+    if n == 0:
+        raise RuntimeError('v' * 50_000)
+    deep(n - 1)
+try:
+    deep(200)
+except RuntimeError:
+    log.exception('big.exc', blob='x' * 100_000, nested={'k': ['y' * 10_000] * 10})
+log.info('many.fields', **{f'f{i}': 'z' * 1500 for i in range(40)})
+log.info('small')
+''')
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert len(line) <= piker_log.MAX_RECORD_BYTES
+    big, many, small = (json.loads(line) for line in lines)
+    assert big['truncated'] is True and big['event'] == 'big.exc'
+    assert big['exception'][0]['exc_type'] == 'RuntimeError'
+    assert len(big['exception'][0]['frames']) <= 11
+    assert many['truncated'] is True and many['event'] == 'many.fields'
+    assert 'dropped' in many or sum(k.startswith('f') for k in many) == 40
+    assert 'truncated' not in small
+
+
+def test_console_on_tty_and_env_overrides() -> None:
+    code = EMIT + '''
+setup_logging('info')
+log.info('hello.console', x=1)
+'''
+    leader, follower = pty.openpty()
+    try:
+        proc = _run(code, stdout=follower)
+        os.close(follower)
+        follower = -1
+        raw = b''
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            raw += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0
+    assert b'hello.console' in raw and b'\x1b[' in raw and not raw.startswith(b'{')
+
+    piped_console = _run(code, PIKER_LOG_FORMAT='console')
+    assert b'hello.console' in piped_console.stdout
+    assert not piped_console.stdout.startswith(b'{') and b'\x1b[' not in piped_console.stdout
+
+    forced = _run(code.replace("setup_logging('info')", "setup_logging('info', force_json=True)"),
+                  PIKER_LOG_FORMAT='console')
+    assert _records(forced.stdout)[0]['event'] == 'hello.console'
+
+
+def test_env_level_and_actor_name_applied() -> None:
+    proc = _run(EMIT + '''
+setup_logging(None, actor='bot.sma')
+log.info('dropped'); log.warning('kept')
+''', PIKER_LOG_LEVEL='warning')
+    assert proc.returncode == 0, proc.stderr.decode()
+    recs = _records(proc.stdout)
+    assert [(r['event'], r['actor']) for r in recs] == [('kept', 'bot.sma')]
+
+
+def test_import_sets_pythonwarnings_for_children() -> None:
+    proc = _run('''
+import os, piker.log
+print(os.environ['PYTHONWARNINGS'])
+''', PYTHONWARNINGS='default')
+    value = proc.stdout.decode().strip()
+    assert value.startswith('default,')
+    assert 'ignore:trio.MultiError:FutureWarning' in value
+    child = _run('import tractor', PYTHONWARNINGS=value)
+    assert child.returncode == 0 and b'MultiError' not in child.stderr
+
+
+def test_quiet_asyncio_noise_drops_cancelled_only() -> None:
+    proc = _run(EMIT + '''
+import asyncio
+from piker.log import quiet_asyncio_noise
+setup_logging('info')
+async def main():
+    quiet_asyncio_noise()
+    loop = asyncio.get_running_loop()
+    loop.call_exception_handler({'message': 'cb noise', 'exception': asyncio.CancelledError()})
+    logging.getLogger('tractor.to_asyncio').error('task errored', exc_info=asyncio.CancelledError())
+    loop.call_exception_handler({'message': 'real cb error', 'exception': OSError('boom')})
+    logging.getLogger('tractor.to_asyncio').error('real task error', exc_info=ValueError('x'))
+asyncio.run(main())
+''')
+    assert proc.returncode == 0, proc.stderr.decode()
+    events = [r['event'] for r in _records(proc.stdout)]
+    assert events == ['real cb error', 'real task error']
+
+
+@pytest.mark.parametrize(('kwargs', 'env', 'needle'), [
+    ({'level': 'loud'}, {}, "found 'loud'"),
+    ({'level': None}, {'PIKER_LOG_LEVEL': 'verbose'}, '$PIKER_LOG_LEVEL'),
+    ({'level': 'info'}, {'PIKER_LOG_FORMAT': 'xml'}, '$PIKER_LOG_FORMAT'),
+])
+def test_bad_level_or_format_raises_clear_error(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict, env: dict, needle: str,
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match='expected') as info:
+        piker_log.setup_logging(**kwargs)
+    assert needle in str(info.value)

@@ -1,0 +1,325 @@
+"""The durable, per-(broker, account) fill ledger.
+
+Layout under ``<state_dir>/accounting/<broker>/<account>/``:
+
+- ``journal.jsonl``: append-only, one JSON fill per line, each written with a
+  single ``os.write`` + ``fdatasync`` before :meth:`Ledger.apply` returns, so
+  a fill that was acknowledged is on disk even if the process is SIGKILLed the
+  next instant. Only the last line can be torn; loading drops it (it was never
+  acknowledged) and truncates the file back to the last whole line.
+- ``ledger.toml``: every fill, the human-readable record DESIGN asks for.
+- ``positions.toml``: positions derived from those fills, for humans.
+
+Both TOML files are snapshots written atomically (``write_toml_atomic``) every
+``compact_every`` fills and on :meth:`Ledger.close`; after a snapshot the journal
+is emptied. A crash between the two steps only leaves fills in both places,
+which loading de-duplicates by ``fill_id``. Positions are always recomputed from
+the fills on load, never trusted from ``positions.toml``.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..config import ConfigError, read_toml, remove_stale_temps, write_toml_atomic
+from ..log import get_logger
+from ._positions import Fill, Position, apply_fill, validate_fill
+
+log = get_logger(__name__)
+
+JOURNAL_NAME = 'journal.jsonl'
+LEDGER_NAME = 'ledger.toml'
+POSITIONS_NAME = 'positions.toml'
+DEFAULT_COMPACT_EVERY = 500
+
+_encode = msgspec.json.Encoder().encode
+_decode_fill = msgspec.json.Decoder(Fill).decode
+
+
+class LedgerError(Exception):
+    """A ledger that cannot be opened or a fill that cannot be recorded."""
+
+
+def _safe_component(value: str, what: str) -> str:
+    if not value or value in ('.', '..') or '/' in value or '\0' in value:
+        raise LedgerError(
+            f'bad ledger {what} {value!r}: expected a non-empty name without `/` '
+            f'(it becomes a directory under <state_dir>/accounting/)'
+        )
+    return value
+
+
+def ledger_dir(state_dir: Path, broker: str, account: str) -> Path:
+    return (
+        Path(state_dir) / 'accounting'
+        / _safe_component(broker, 'broker') / _safe_component(account, 'account')
+    )
+
+
+class Ledger:
+    """Fills for one (broker, account), durable before :meth:`apply` returns.
+
+    Open with :meth:`Ledger.open`; one process at a time (an exclusive
+    ``flock`` on the journal enforces it).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        broker: str,
+        account: str,
+        journal_fd: int,
+        compact_every: int,
+    ) -> None:
+        self.path = path
+        self.broker = broker
+        self.account = account
+        self._fd: int | None = journal_fd
+        self._compact_every = compact_every
+        self._fills: list[Fill] = []
+        self._ids: set[str] = set()
+        self._positions: dict[str, Position] = {}
+        self._journaled = 0
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path | str,
+        broker: str,
+        account: str,
+        *,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
+    ) -> Ledger:
+        """Load (or create) the ledger and replay its journal."""
+        if compact_every < 1:
+            raise LedgerError(f'`compact_every` must be >= 1, got {compact_every}')
+        path = ledger_dir(Path(state_dir), broker, account)
+        path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd = _open_journal(path / JOURNAL_NAME)
+        ledger = cls(path, broker, account, fd, compact_every)
+        try:
+            ledger._load()
+        except BaseException:
+            ledger._release()
+            raise
+        log.info(
+            'ledger.open', broker=broker, account=account,
+            fills=len(ledger._fills), journaled=ledger._journaled, path=str(path),
+        )
+        return ledger
+
+    def _load(self) -> None:
+        snap = self.path / LEDGER_NAME
+        data = read_toml(snap)
+        try:
+            fills = msgspec.convert(data.get('fills', []), list[Fill])
+        except msgspec.ValidationError as err:
+            raise LedgerError(f'{snap}: bad fill record: {err}') from None
+        for fill in fills:
+            self._record(fill)
+        for fill in self._replay_journal():
+            if fill.fill_id not in self._ids:
+                self._record(fill)
+                self._journaled += 1
+        self._check_positions_snapshot()
+
+    def _check_positions_snapshot(self) -> None:
+        snap = self.path / POSITIONS_NAME
+        data = read_toml(snap)
+        if data.get('fills_applied') != len(self._fills):
+            return  # older snapshot: the journal holds newer fills
+        if _convert_positions(data, snap) != self._positions:
+            log.warning('ledger.positions_snapshot_mismatch', path=str(snap))
+
+    def _replay_journal(self) -> list[Fill]:
+        assert self._fd is not None
+        jpath = self.path / JOURNAL_NAME
+        raw = _read_all(self._fd)
+        fills: list[Fill] = []
+        good_len = 0
+        lines = raw.split(b'\n')
+        # the element after the last newline is b'' or a torn, unacknowledged write
+        for lineno, line in enumerate(lines[:-1], start=1):
+            try:
+                fills.append(_decode_fill(line))
+            except msgspec.DecodeError as err:
+                if lineno == len(lines) - 1:
+                    break  # torn last line whose newline happened to land
+                raise LedgerError(
+                    f'{jpath}:{lineno}: corrupt journal line ({err}); only the last '
+                    'line can be torn by a crash - restore this file from a backup'
+                ) from None
+            good_len += len(line) + 1
+        if good_len != len(raw):
+            log.warning('ledger.journal_repaired', path=str(jpath), dropped_bytes=len(raw) - good_len)
+            os.ftruncate(self._fd, good_len)
+            os.fsync(self._fd)
+        return fills
+
+    # -- queries -----------------------------------------------------------
+
+    def __contains__(self, fill_id: object) -> bool:
+        return fill_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def fills(self) -> list[Fill]:
+        return list(self._fills)
+
+    def positions(self) -> dict[str, Position]:
+        return dict(self._positions)
+
+    def position(self, fqme: str) -> Position:
+        return self._positions.get(fqme) or Position(fqme=fqme)
+
+    # -- writing -----------------------------------------------------------
+
+    def apply(self, fill: Fill) -> bool:
+        """Record ``fill`` durably and update positions.
+
+        Returns ``False`` (and changes nothing) when ``fill_id`` is already
+        recorded, so replaying a broker's fills is safe.
+        """
+        if self._fd is None:
+            raise LedgerError(f'ledger {self.path} is closed')
+        if fill.fill_id in self._ids:
+            return False
+        validate_fill(fill)
+        self._check_owner(fill)
+        self._append(_encode(fill) + b'\n')
+        self._record(fill)
+        self._journaled += 1
+        log.info(
+            'ledger.fill', fill_id=fill.fill_id, fqme=fill.fqme, size=fill.size,
+            price=fill.price, fee=fill.fee, oid=fill.oid, account=self.account,
+        )
+        if self._journaled >= self._compact_every:
+            self.compact()
+        return True
+
+    def _append(self, line: bytes) -> None:
+        assert self._fd is not None
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            _write_all(self._fd, line)
+            os.fdatasync(self._fd)
+        except OSError:
+            # never leave a partial line for the next append to glue onto
+            os.ftruncate(self._fd, start)
+            raise
+
+    def _check_owner(self, fill: Fill) -> None:
+        for field, mine in (('broker', self.broker), ('account', self.account)):
+            theirs = getattr(fill, field)
+            if theirs and theirs != mine:
+                raise LedgerError(
+                    f'fill {fill.fill_id!r} has {field}={theirs!r} but this ledger is '
+                    f'{self.broker}/{self.account}; open the ledger for {theirs!r}'
+                )
+
+    def _record(self, fill: Fill) -> None:
+        self._fills.append(fill)
+        self._ids.add(fill.fill_id)
+        pos = self._positions.get(fill.fqme) or Position(fqme=fill.fqme)
+        self._positions[fill.fqme] = apply_fill(pos, fill)
+
+    def compact(self) -> None:
+        """Snapshot fills and positions to TOML, then empty the journal."""
+        if self._fd is None:
+            raise LedgerError(f'ledger {self.path} is closed')
+        write_toml_atomic(self.path / LEDGER_NAME, {
+            'broker': self.broker,
+            'account': self.account,
+            'fills': [msgspec.to_builtins(f) for f in self._fills],
+        })
+        write_toml_atomic(self.path / POSITIONS_NAME, positions_doc(self))
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        log.debug('ledger.compact', path=str(self.path), fills=len(self._fills))
+        self._journaled = 0
+
+    def close(self) -> None:
+        """Snapshot and release the journal; idempotent."""
+        if self._fd is None:
+            return
+        try:
+            self.compact()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # also drops the flock
+            self._fd = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def positions_doc(ledger: Ledger) -> dict[str, Any]:
+    return {
+        'broker': ledger.broker,
+        'account': ledger.account,
+        'fills_applied': len(ledger),
+        'positions': {
+            fqme: msgspec.to_builtins(pos) for fqme, pos in sorted(ledger.positions().items())
+        },
+    }
+
+
+def read_positions_file(path: Path | str) -> dict[str, Position]:
+    """Positions as last snapshotted to ``<ledger dir>/positions.toml`` (for tooling)."""
+    snap = Path(path) / POSITIONS_NAME
+    return _convert_positions(read_toml(snap), snap)
+
+
+def _convert_positions(data: dict[str, Any], snap: Path) -> dict[str, Position]:
+    try:
+        return msgspec.convert(data.get('positions', {}), dict[str, Position])
+    except msgspec.ValidationError as err:
+        raise ConfigError(f'{snap}: bad position record: {err}') from None
+
+
+def _open_journal(jpath: Path) -> int:
+    existed = jpath.exists()
+    fd = os.open(jpath, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LedgerError(
+            f'{jpath} is locked by another process; only one actor may own a ledger '
+            '(is another paperboi/emsd running on this state dir?)'
+        ) from None
+    if not existed:
+        dir_fd = os.open(jpath.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b''.join(chunks)
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]

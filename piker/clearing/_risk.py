@@ -1,0 +1,273 @@
+"""The pre-trade risk gate emsd puts in front of every broker.
+
+Pure and sync: the caller passes the last price, the current position and the
+clock, so every rule is testable without an event loop. Rules, in the order
+they are checked (the first failing one is reported):
+
+``halted``, ``invalid_order``, ``max_order_size``, ``no_quote``, ``price_band``,
+``max_notional``, ``max_position``, ``max_orders_per_min``.
+
+Choices worth knowing:
+- an order that shrinks the position's magnitude always passes
+  ``max_position`` (flattening an over-limit position must stay possible);
+- limit and stop orders need a quote too: without a last price the price band
+  cannot be checked, and a fat-fingered limit is what the band exists for;
+- ``alert`` orders never trade, so only the halt and input checks apply;
+- cancels are never gated;
+- a halt (operator or daily loss) is persisted with ``write_toml_atomic`` and
+  reloaded by the next gate on the same path, until :meth:`RiskGate.resume`.
+  While the day's P&L stays beyond the limit, the next :meth:`update_pnl`
+  halts again: to keep trading past it, raise ``risk.daily_loss_limit``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from ..config import RiskCfg, read_toml, write_toml_atomic
+from ..log import get_logger
+from ..types import Struct
+from ._messages import Cancel, Order
+
+log = get_logger(__name__)
+
+_MINUTE_NS = 60 * 1_000_000_000
+
+
+class RiskRejection(Struct, frozen=True):
+    """Why the gate refused an order: ``rule`` is a short key, ``reason`` a
+    full sentence naming the limit and the setting that controls it."""
+    rule: str
+    reason: str
+
+
+class HaltState(Struct, frozen=True):
+    """What is persisted while the gate is halted."""
+    reason: str
+    by: str
+    since_ns: int
+
+
+class RiskStatistics(Struct, frozen=True):
+    checked: int
+    accepted: int
+    rejected_by_rule: dict[str, int]
+    orders_last_min: int
+    halted: bool
+    halt: HaltState | None
+    last_day_pnl: float | None
+
+
+def _fmt(x: float) -> str:
+    return f'{x:g}'
+
+
+class RiskGate:
+    """Checks orders against a :class:`~piker.config.RiskCfg`; owns the halt."""
+
+    def __init__(self, cfg: RiskCfg, state_path: Path | str) -> None:
+        self.cfg = cfg
+        self.state_path = Path(state_path)
+        self._accepted_ns: deque[int] = deque()
+        self._checked = 0
+        self._accepted = 0
+        self._rejected: Counter[str] = Counter()
+        self._last_day_pnl: float | None = None
+        self._halt = self._load_halt()
+
+    # -- halt ----------------------------------------------------------------
+
+    def _load_halt(self) -> HaltState | None:
+        data = read_toml(self.state_path)
+        if not data.get('halted'):
+            return None
+        try:
+            halt = msgspec.convert(data.get('halt', {}), HaltState)
+        except msgspec.ValidationError as err:
+            # unreadable details must not lift the halt
+            halt = HaltState(reason=f'halt record unreadable ({err})', by='unknown', since_ns=0)
+        log.warning('risk.halt_restored', reason=halt.reason, by=halt.by, path=str(self.state_path))
+        return halt
+
+    @property
+    def halted(self) -> bool:
+        return self._halt is not None
+
+    @property
+    def halt_state(self) -> HaltState | None:
+        return self._halt
+
+    def halt(self, reason: str, by: str, now_ns: int | None = None) -> None:
+        """Stop accepting new orders until :meth:`resume`; survives restarts."""
+        since_ns = time.time_ns() if now_ns is None else now_ns
+        self._halt = HaltState(reason=reason, by=by, since_ns=since_ns)
+        write_toml_atomic(self.state_path, {
+            'halted': True,
+            'halt': {
+                'reason': reason,
+                'by': by,
+                'since_ns': since_ns,
+                'since': datetime.fromtimestamp(since_ns / 1e9, UTC),
+            },
+        })
+        log.warning('risk.halt', reason=reason, by=by)
+
+    def resume(self, by: str, now_ns: int | None = None) -> None:
+        """Lift the halt (an operator's decision) and persist that."""
+        at_ns = time.time_ns() if now_ns is None else now_ns
+        previous = self._halt
+        self._halt = None
+        write_toml_atomic(self.state_path, {
+            'halted': False,
+            'resumed_by': by,
+            'resumed_at': datetime.fromtimestamp(at_ns / 1e9, UTC),
+            'previous_halt_reason': previous.reason if previous else '',
+        })
+        log.warning('risk.resume', by=by, previous=previous.reason if previous else None)
+
+    def update_pnl(self, day_pnl: float, now_ns: int) -> bool:
+        """Feed the UTC day's realized + unrealized P&L; halts (and returns
+        ``True``) when it reaches ``-daily_loss_limit``."""
+        self._last_day_pnl = day_pnl
+        limit = self.cfg.daily_loss_limit
+        if self.halted or not day_pnl <= -limit:
+            return False
+        self.halt(
+            f'daily P&L {_fmt(day_pnl)} reached the loss limit {_fmt(limit)} '
+            '(risk.daily_loss_limit); an operator must resume trading',
+            by='risk.daily_loss_limit',
+            now_ns=now_ns,
+        )
+        return True
+
+    # -- checks --------------------------------------------------------------
+
+    def check(
+        self,
+        order: Order | Cancel,
+        *,
+        last_price: float | None,
+        position_size: float,
+        now_ns: int,
+    ) -> RiskRejection | None:
+        """``None`` when ``order`` may go to the broker, else the first rule it breaks.
+
+        Call :meth:`record_accept` once the order is actually sent, so the
+        per-minute rate counts only accepted orders.
+        """
+        if isinstance(order, Cancel):
+            return None
+        self._checked += 1
+        rejection = self._first_rejection(order, last_price, position_size, now_ns)
+        if rejection is not None:
+            self._rejected[rejection.rule] += 1
+            log.info('risk.reject', oid=order.oid, fqme=order.fqme, rule=rejection.rule, reason=rejection.reason)
+        return rejection
+
+    def record_accept(self, now_ns: int) -> None:
+        self._accepted += 1
+        self._accepted_ns.append(now_ns)
+        self._expire(now_ns)
+
+    def _expire(self, now_ns: int) -> None:
+        while self._accepted_ns and self._accepted_ns[0] <= now_ns - _MINUTE_NS:
+            self._accepted_ns.popleft()
+
+    def _first_rejection(
+        self, order: Order, last: float | None, position_size: float, now_ns: int,
+    ) -> RiskRejection | None:
+        if self._halt is not None:
+            return RiskRejection(
+                rule='halted',
+                reason=f'trading is halted since {_iso(self._halt.since_ns)} by {self._halt.by}: '
+                f'{self._halt.reason}; new orders are refused until an operator resumes',
+            )
+        if (bad := _invalid(order)) is not None:
+            return bad
+        if order.kind == 'alert':
+            return None
+        cfg = self.cfg
+        if order.size > cfg.max_order_size:
+            return RiskRejection(
+                rule='max_order_size',
+                reason=f'order size {_fmt(order.size)} exceeds max_order_size '
+                f'{_fmt(cfg.max_order_size)} (risk.max_order_size)',
+            )
+        if last is None or not math.isfinite(last) or last <= 0:
+            return RiskRejection(
+                rule='no_quote',
+                reason=f'no quote yet for {order.fqme}: a {order.kind} order needs a last '
+                'price to check the price band and notional; wait for the feed',
+            )
+        if order.kind != 'market':
+            assert order.price is not None
+            dev = abs(order.price - last) / last
+            if dev > cfg.price_band_frac:
+                return RiskRejection(
+                    rule='price_band',
+                    reason=f'{order.kind} price {_fmt(order.price)} is {dev:.2%} from the last '
+                    f'price {_fmt(last)}, beyond price_band_frac {_fmt(cfg.price_band_frac)} '
+                    '(risk.price_band_frac)',
+                )
+        price = order.price if order.kind != 'market' and order.price else last
+        notional = order.size * price
+        if notional > cfg.max_notional:
+            return RiskRejection(
+                rule='max_notional',
+                reason=f'order notional {_fmt(notional)} ({_fmt(order.size)} x {_fmt(price)}) '
+                f'exceeds max_notional {_fmt(cfg.max_notional)} (risk.max_notional)',
+            )
+        delta = order.size if order.action == 'buy' else -order.size
+        after = position_size + delta
+        if abs(after) > cfg.max_position and abs(after) > abs(position_size):
+            return RiskRejection(
+                rule='max_position',
+                reason=f'position in {order.fqme} would be {_fmt(after)}, beyond max_position '
+                f'{_fmt(cfg.max_position)} (risk.max_position)',
+            )
+        self._expire(now_ns)
+        if len(self._accepted_ns) >= cfg.max_orders_per_min:
+            return RiskRejection(
+                rule='max_orders_per_min',
+                reason=f'{len(self._accepted_ns)} orders accepted in the last 60 s reaches '
+                f'max_orders_per_min {cfg.max_orders_per_min} (risk.max_orders_per_min)',
+            )
+        return None
+
+    def statistics(self, now_ns: int | None = None) -> RiskStatistics:
+        if now_ns is not None:
+            self._expire(now_ns)
+        return RiskStatistics(
+            checked=self._checked,
+            accepted=self._accepted,
+            rejected_by_rule=dict(self._rejected),
+            orders_last_min=len(self._accepted_ns),
+            halted=self.halted,
+            halt=self._halt,
+            last_day_pnl=self._last_day_pnl,
+        )
+
+
+def _iso(ts_ns: int) -> str:
+    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat(timespec='seconds')
+
+
+def _invalid(order: Order) -> RiskRejection | None:
+    if not math.isfinite(order.size) or order.size <= 0:
+        return RiskRejection(
+            rule='invalid_order',
+            reason=f'order size must be a positive number (use action buy/sell for the side), '
+            f'got {order.size!r}',
+        )
+    if order.kind != 'market':
+        if order.price is None or not math.isfinite(order.price) or order.price <= 0:
+            return RiskRejection(
+                rule='invalid_order',
+                reason=f'a {order.kind} order needs a positive `price`, got {order.price!r}',
+            )
+    return None

@@ -1,0 +1,318 @@
+"""Paper clearing: the broker protocol as pure, sync methods.
+
+paperboi (the actor) feeds this engine the broker requests it receives and the
+quotes of the markets it clears, and ships back the events each call returns.
+
+Matching rules (documented choices):
+- a market order fills in full at the touch: the ask for a buy, the bid for a
+  sell (the last price when that side is missing);
+- a limit that is marketable on arrival (buy: ask <= limit, sell: bid >=
+  limit) fills at the touch, as an exchange would give it price improvement;
+- a limit that rested fills in full at its own limit price once the opposite
+  touch reaches it (buy: ask <= limit, sell: bid >= limit). No gap
+  improvement, no partial fills, no queue position: conservative and simple;
+- every request needs a quote for its market first (``BrokerdError``
+  otherwise), so a misspelt fqme never rests silently forever;
+- a modify is a re-submit with the same ``oid``: it keeps its ``reqid`` and is
+  re-checked for marketability at once.
+
+Durability: every fill is applied to the account's :class:`Ledger` (fsynced)
+*before* its ``BrokerdFill`` is returned. Resting orders are persisted
+atomically to ``<state_dir>/paper/<broker>/orders.toml`` on every change, and a
+new engine on the same ``state_dir`` reloads them, so resting paper orders
+survive a restart. Fill ids are deterministic (``<reqid>-<n>``, ``reqid`` =
+``paper-<oid>``; paper fills are whole, so ``n`` is 1): if the process dies
+after the ledger write but before the orders file drops the order, the
+reloading engine finds that fill id in the ledger and drops the order, and a
+re-sent fill would be ignored by the ledger - a fill is never counted twice.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from ..accounting import Fill, Ledger
+from ..config import (
+    ConfigError,
+    FeesCfg,
+    PaperCfg,
+    read_toml,
+    remove_stale_temps,
+    write_toml_atomic,
+)
+from ..log import get_logger
+from ..types import Struct
+from ._messages import (
+    BrokerdCancel,
+    BrokerdError,
+    BrokerdFill,
+    BrokerdOrder,
+    BrokerdOrderAck,
+    BrokerdPosition,
+    BrokerdStatus,
+    BrokerEvent,
+)
+
+log = get_logger(__name__)
+
+ORDERS_NAME = 'orders.toml'
+
+
+class PaperQuote(Struct, frozen=True):
+    bid: float | None
+    ask: float | None
+    last: float | None
+    ts_ns: int
+
+    def touch(self, action: str) -> float | None:
+        """Where a market order of ``action`` executes: ask to buy, bid to sell."""
+        side = self.ask if action == 'buy' else self.bid
+        for px in (side, self.last):
+            if px is not None and math.isfinite(px) and px > 0:
+                return px
+        return None
+
+
+def fee_for(fees: FeesCfg, size: float, price: float) -> float:
+    """``per_unit * size + per_order + bps * notional / 1e4``."""
+    return fees.per_unit * size + fees.per_order + fees.bps * abs(size * price) / 1e4
+
+
+def reqid_for(oid: str) -> str:
+    return f'paper-{oid}'
+
+
+class PaperEngine:
+    """Clears orders against the last quotes it was given; see module doc."""
+
+    def __init__(
+        self,
+        broker: str,
+        fees: PaperCfg,
+        state_dir: Path | str,
+        ledger_for: Callable[[str], Ledger],
+    ) -> None:
+        self.broker = broker
+        self.fees = fees
+        self._ledger_for = ledger_for
+        self._dir = Path(state_dir) / 'paper' / broker
+        self._dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self._dir)
+        self._quotes: dict[str, PaperQuote] = {}
+        self._resting: dict[str, BrokerdOrder] = self._load()
+        self._drop_already_filled()
+        if self._resting:
+            log.info('paper.orders_restored', broker=broker, count=len(self._resting))
+
+    @property
+    def orders_path(self) -> Path:
+        return self._dir / ORDERS_NAME
+
+    # -- persistence ---------------------------------------------------------
+
+    def _load(self) -> dict[str, BrokerdOrder]:
+        data = read_toml(self.orders_path)
+        try:
+            orders = msgspec.convert(data.get('orders', []), list[BrokerdOrder])
+        except msgspec.ValidationError as err:
+            raise ConfigError(
+                f'{self.orders_path}: bad resting order: {err} (fix or remove the entry)'
+            ) from None
+        return {o.oid: o for o in orders}
+
+    def _drop_already_filled(self) -> None:
+        """A crash between the ledger write and the orders-file update leaves a
+        filled order on file; the ledger is the truth."""
+        filled = [
+            o for o in self._resting.values()
+            if f'{o.reqid}-1' in self._ledger_for(o.account)
+        ]
+        for order in filled:
+            log.warning('paper.order_already_filled', oid=order.oid, reqid=order.reqid)
+            del self._resting[order.oid]
+        if filled:
+            self._persist()
+
+    def _persist(self) -> None:
+        write_toml_atomic(
+            self.orders_path,
+            {'orders': [msgspec.to_builtins(o) for o in self._resting.values()]},
+        )
+
+    # -- queries -------------------------------------------------------------
+
+    def open_orders(self) -> list[BrokerdOrder]:
+        """Resting orders, each with its ``reqid`` set."""
+        return list(self._resting.values())
+
+    def positions(self, account: str, now_ns: int | None = None) -> list[BrokerdPosition]:
+        """Non-flat positions of ``account``, from its ledger."""
+        now = time.time_ns() if now_ns is None else now_ns
+        return [
+            BrokerdPosition(
+                broker=self.broker, account=account, fqme=pos.fqme,
+                size=pos.size, avg_price=pos.avg_price, ts_ns=now,
+            )
+            for pos in self._ledger_for(account).positions().values()
+            if pos.size != 0
+        ]
+
+    def quote(self, fqme: str) -> PaperQuote | None:
+        return self._quotes.get(fqme)
+
+    # -- requests ------------------------------------------------------------
+
+    def submit(self, order: BrokerdOrder, now_ns: int | None = None) -> list[BrokerEvent]:
+        """Ack ``order``, then fill it if marketable, else rest it."""
+        ts_ns = time.time_ns() if now_ns is None else now_ns
+        prior = self._resting.get(order.oid)
+        reqid = reqid_for(order.oid)
+        if (reason := self._refusal(order, prior, reqid)) is not None:
+            log.warning('paper.refuse', oid=order.oid, fqme=order.fqme, reason=reason)
+            return [BrokerdError(
+                oid=order.oid, reqid=order.reqid, account=order.account,
+                reason=reason, ts_ns=ts_ns,
+            )]
+        quote = self._quotes[order.fqme]
+        order = msgspec.structs.replace(order, reqid=reqid, ts_ns=order.ts_ns or ts_ns)
+        events: list[BrokerEvent] = [
+            BrokerdOrderAck(oid=order.oid, reqid=reqid, account=order.account),
+        ]
+        touch = quote.touch(order.action)
+        assert touch is not None  # _refusal checked it
+        if order.kind == 'market' or _crosses(order, touch):
+            events += self._fill(order, touch, ts_ns)
+            if prior is not None:
+                del self._resting[order.oid]
+                self._persist()
+            return events
+        self._resting[order.oid] = order
+        self._persist()
+        log.info(
+            'paper.rest', oid=order.oid, fqme=order.fqme, action=order.action,
+            size=order.size, price=order.price, modify=prior is not None,
+        )
+        events.append(BrokerdStatus(
+            oid=order.oid, reqid=reqid, account=order.account, state='open',
+            remaining=order.size, ts_ns=ts_ns,
+        ))
+        return events
+
+    def _refusal(
+        self, order: BrokerdOrder, prior: BrokerdOrder | None, reqid: str,
+    ) -> str | None:
+        if not math.isfinite(order.size) or order.size <= 0:
+            return f'order size must be a positive number, got {order.size!r}'
+        if order.kind == 'limit' and (
+            order.price is None or not math.isfinite(order.price) or order.price <= 0
+        ):
+            return f'a limit order needs a positive `price`, got {order.price!r}'
+        if prior is not None and prior.account != order.account:
+            return (
+                f'modify of {order.oid!r} names account {order.account!r} but the order '
+                f'rests in {prior.account!r}; cancel it and submit a new oid instead'
+            )
+        if prior is None and f'{reqid}-1' in self._ledger_for(order.account):
+            return (
+                f'oid {order.oid!r} was already filled (fill {reqid}-1); '
+                'order ids are unique forever, send a new oid'
+            )
+        quote = self._quotes.get(order.fqme)
+        if quote is None or quote.touch(order.action) is None:
+            return (
+                f'no quote for {order.fqme} yet: paper clearing fills against live '
+                'quotes, so the feed for this market must be running'
+            )
+        return None
+
+    def cancel(self, msg: BrokerdCancel, now_ns: int | None = None) -> list[BrokerEvent]:
+        ts_ns = time.time_ns() if now_ns is None else now_ns
+        order = self._resting.pop(msg.oid, None)
+        if order is None:
+            return [BrokerdError(
+                oid=msg.oid, reqid=msg.reqid, account=msg.account, ts_ns=ts_ns,
+                reason=f'no resting paper order {msg.oid!r} to cancel '
+                '(already filled or canceled, or never submitted)',
+            )]
+        self._persist()
+        log.info('paper.cancel', oid=msg.oid, fqme=order.fqme)
+        assert order.reqid is not None
+        return [BrokerdStatus(
+            oid=order.oid, reqid=order.reqid, account=order.account, state='canceled',
+            remaining=order.size, reason='canceled on request', ts_ns=ts_ns,
+        )]
+
+    # -- market data ---------------------------------------------------------
+
+    def on_quote(
+        self,
+        fqme: str,
+        bid: float | None,
+        ask: float | None,
+        last: float | None,
+        ts_ns: int,
+    ) -> list[BrokerEvent]:
+        """Record the quote and fill every resting limit it crosses, at the limit."""
+        quote = PaperQuote(bid=bid, ask=ask, last=last, ts_ns=ts_ns)
+        self._quotes[fqme] = quote
+        crossed = [
+            o for o in self._resting.values()
+            if o.fqme == fqme
+            and (touch := quote.touch(o.action)) is not None
+            and _crosses(o, touch)
+        ]
+        events: list[BrokerEvent] = []
+        for order in crossed:
+            assert order.price is not None
+            events += self._fill(order, order.price, ts_ns)
+            del self._resting[order.oid]
+        if crossed:
+            self._persist()
+        return events
+
+    # -- fills ---------------------------------------------------------------
+
+    def _fill(self, order: BrokerdOrder, price: float, ts_ns: int) -> list[BrokerEvent]:
+        assert order.reqid is not None
+        fees = self.fees.fees_by_market.get(order.fqme, self.fees.fees)
+        fee = fee_for(fees, order.size, price)
+        fill_id = f'{order.reqid}-1'
+        ledger = self._ledger_for(order.account)
+        signed = order.size if order.action == 'buy' else -order.size
+        fresh = ledger.apply(Fill(
+            fill_id=fill_id, fqme=order.fqme, size=signed, price=price, fee=fee,
+            ts_ns=ts_ns, oid=order.oid, broker=self.broker, account=order.account,
+        ))
+        log.info(
+            'paper.fill', oid=order.oid, fill_id=fill_id, fqme=order.fqme,
+            action=order.action, size=order.size, price=price, fee=fee, replayed=not fresh,
+        )
+        pos = ledger.position(order.fqme)
+        return [
+            BrokerdFill(
+                oid=order.oid, reqid=order.reqid, fill_id=fill_id, account=order.account,
+                fqme=order.fqme, action=order.action, size=order.size, price=price,
+                fee=fee, ts_ns=ts_ns,
+            ),
+            BrokerdStatus(
+                oid=order.oid, reqid=order.reqid, account=order.account, state='filled',
+                filled=order.size, remaining=0.0, ts_ns=ts_ns,
+            ),
+            BrokerdPosition(
+                broker=self.broker, account=order.account, fqme=order.fqme,
+                size=pos.size, avg_price=pos.avg_price, ts_ns=ts_ns,
+            ),
+        ]
+
+
+def _crosses(order: BrokerdOrder, touch: float) -> bool:
+    """Is a limit marketable against the opposite touch?"""
+    if order.kind != 'limit' or order.price is None:
+        return order.kind == 'market'
+    if order.action == 'buy':
+        return touch <= order.price
+    return touch >= order.price

@@ -180,10 +180,22 @@ def bot_check(config_path: str | None, registry: str | None, state_dir: str | No
     click.echo(f'{ctx.source}: ok ({len(ctx.cfg.strategies)} strategies, mode={ctx.cfg.mode})')
 
 
+EXTENSIONS = ('piker.data._cli', 'piker.clearing._cli', 'piker.bot._cli', 'piker.brokers._cli')
+
+
 def _register_extensions() -> None:
-    """Commands contributed by the sub-packages."""
-    for mod in ():
-        __import__(mod)
+    """Commands contributed by the sub-packages: each module decorates
+    ``main`` (or ``bot``) with its own click commands on import."""
+    import importlib
+    for mod in EXTENSIONS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+
+
+_register_extensions()
 
 
 if __name__ == '__main__':  # pragma: no cover

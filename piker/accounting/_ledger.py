@@ -10,9 +10,9 @@ Layout under ``<state_dir>/accounting/<broker>/<account>/``:
 - ``ledger.toml``: every fill, the human-readable record DESIGN asks for.
 - ``positions.toml``: positions derived from those fills, for humans.
 
-Both TOML files are snapshots written atomically (``write_toml_atomic``) every
-``compact_every`` fills and on :meth:`Ledger.close`; after a snapshot the journal
-is emptied. A crash between the two steps only leaves fills in both places,
+Both TOML files are snapshots written atomically (``write_toml_atomic``) once
+the journal holds ``max(compact_every, total_fills // 4)`` fills, and on
+:meth:`Ledger.close`; after a snapshot the journal is emptied. A crash between the two steps only leaves fills in both places,
 which loading de-duplicates by ``fill_id``. Positions are always recomputed from
 the fills on load, never trusted from ``positions.toml``.
 """
@@ -201,7 +201,9 @@ class Ledger:
             'ledger.fill', fill_id=fill.fill_id, fqme=fill.fqme, size=fill.size,
             price=fill.price, fee=fill.fee, oid=fill.oid, account=self.account,
         )
-        if self._journaled >= self._compact_every:
+        # geometric cadence: a snapshot costs O(all fills), so spacing them by a
+        # fraction of the total keeps apply() amortized O(1)
+        if self._journaled >= max(self._compact_every, len(self._fills) // 4):
             self.compact()
         return True
 

@@ -82,6 +82,16 @@ def fee_for(fees: FeesCfg, size: float, price: float) -> float:
     return fees.per_unit * size + fees.per_order + fees.bps * abs(size * price) / 1e4
 
 
+def to_ledger_fill(msg: BrokerdFill, broker: str) -> Fill:
+    """A broker's fill as the ledger records it (signed size)."""
+    return Fill(
+        fill_id=msg.fill_id, fqme=msg.fqme,
+        size=msg.size if msg.action == 'buy' else -msg.size,
+        price=msg.price, fee=msg.fee, ts_ns=msg.ts_ns, oid=msg.oid,
+        broker=broker, account=msg.account,
+    )
+
+
 def reqid_for(oid: str) -> str:
     return f'paper-{oid}'
 
@@ -282,22 +292,19 @@ class PaperEngine:
         fee = fee_for(fees, order.size, price)
         fill_id = f'{order.reqid}-1'
         ledger = self._ledger_for(order.account)
-        signed = order.size if order.action == 'buy' else -order.size
-        fresh = ledger.apply(Fill(
-            fill_id=fill_id, fqme=order.fqme, size=signed, price=price, fee=fee,
-            ts_ns=ts_ns, oid=order.oid, broker=self.broker, account=order.account,
-        ))
+        fill = BrokerdFill(
+            oid=order.oid, reqid=order.reqid, fill_id=fill_id, account=order.account,
+            fqme=order.fqme, action=order.action, size=order.size, price=price,
+            fee=fee, ts_ns=ts_ns,
+        )
+        fresh = ledger.apply(to_ledger_fill(fill, self.broker))
         log.info(
             'paper.fill', oid=order.oid, fill_id=fill_id, fqme=order.fqme,
             action=order.action, size=order.size, price=price, fee=fee, replayed=not fresh,
         )
         pos = ledger.position(order.fqme)
         return [
-            BrokerdFill(
-                oid=order.oid, reqid=order.reqid, fill_id=fill_id, account=order.account,
-                fqme=order.fqme, action=order.action, size=order.size, price=price,
-                fee=fee, ts_ns=ts_ns,
-            ),
+            fill,
             BrokerdStatus(
                 oid=order.oid, reqid=order.reqid, account=order.account, state='filled',
                 filled=order.size, remaining=0.0, ts_ns=ts_ns,

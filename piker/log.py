@@ -251,12 +251,11 @@ class _LineHandler(logging.Handler):
             line = self.format(record)
             if self.journal:
                 line = f'<{_syslog_priority(record.levelno)}>{line}'
-            data = (line + '\n').encode('utf-8', 'backslashreplace')
             if self.fd is None:
-                sys.stdout.write(data.decode('utf-8'))
+                sys.stdout.write(line + '\n')
                 sys.stdout.flush()
             else:
-                _write_all(self.fd, data)
+                _write_all(self.fd, (line + '\n').encode('utf-8', 'backslashreplace'))
         except RecursionError:
             raise
         except Exception:

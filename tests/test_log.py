@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -77,10 +78,19 @@ log = get_logger('piker.t')
 
 
 def test_tractor_tree_stdout_json_lines_each_record_once(reg_port: int) -> None:
-    proc = subprocess.run(
+    # own session: on a timeout the whole tree is killed, no orphans
+    with subprocess.Popen(
         [sys.executable, '-m', 'tests._logprobe', 'tree', str(reg_port), '--quiet-aio'],
-        cwd=REPO, env=_env(), capture_output=True, timeout=60,
-    )
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as tree:
+        try:
+            stdout, stderr = tree.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(tree.pid, signal.SIGKILL)
+            tree.communicate()
+            raise
+    proc = subprocess.CompletedProcess(tree.args, tree.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     out, err = proc.stdout.decode(), proc.stderr.decode()
     for text in (out, err):

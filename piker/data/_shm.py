@@ -66,7 +66,7 @@ class ShmError(RuntimeError):
     """Misuse of a shm buffer: overflow, write on a reader, bad token or rows."""
 
 
-class ShmToken(Struct):
+class ShmToken(Struct, frozen=True):
     """Everything a reader needs to attach; plain builtins on the wire."""
 
     shm_name: str
@@ -91,10 +91,14 @@ class ShmToken(Struct):
         return msgspec.convert(data, cls)
 
 
-def _descr(dtype: np.dtype) -> tuple[tuple[str, str], ...]:
+def _names(dtype: np.dtype) -> tuple[str, ...]:
     if dtype.names is None:
         raise ShmError(f'expected a structured numpy dtype, found {dtype!r}')
-    return tuple((name, dtype.fields[name][0].str) for name in dtype.names)
+    return dtype.names
+
+
+def _descr(dtype: np.dtype) -> tuple[tuple[str, str], ...]:
+    return tuple((name, dtype[name].str) for name in _names(dtype))
 
 
 def _segment_name(key: str, pid: int) -> str:
@@ -330,11 +334,12 @@ class ShmArray:
         first, stop = self.span
         if stop == first:
             raise ShmError(f'update_last() on empty shm buffer {self._name!r}: push a row first')
-        unknown = set(fields) - set(self._dtype.names)
+        names = _names(self._dtype)
+        unknown = set(fields) - set(names)
         if unknown:
             raise ShmError(
                 f'update_last() got unknown fields {sorted(unknown)}, '
-                f'expected some of {list(self._dtype.names)}'
+                f'expected some of {list(names)}'
             )
         row = self._rows[stop - 1:stop]
         for field, value in fields.items():
@@ -347,7 +352,7 @@ class ShmArray:
         if self._closed:
             return
         self._closed = True
-        if self._owner:
+        if self._finalizer is not None:
             self._finalizer.detach()
             if _unlink(self._name):
                 log.debug('shm.unlinked', shm_name=self._name)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -159,7 +159,7 @@ def _parse_time(text: str, name: str, line: int) -> int:
             '(e.g. 1700000000 or 2023-11-14T22:13:20Z)', 'time') from None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=UTC)
-    elif stamp.utcoffset().total_seconds() != 0:
+    elif stamp.utcoffset() != timedelta(0):
         raise ReplayFileError(
             name, line, f'{text!r} is not UTC: convert it and write it with Z or +00:00', 'time')
     if stamp.microsecond:

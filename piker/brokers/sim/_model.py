@@ -60,7 +60,7 @@ class SimError(ValueError):
     """A bad request to the sim market; the text says what to pass instead."""
 
 
-class SimMarket(Struct):
+class SimMarket(Struct, frozen=True):
     """One synthetic listing and its statistical character."""
 
     fqme: str
@@ -77,7 +77,7 @@ class SimMarket(Struct):
     seed: int = 0
 
 
-class MarketInfo(Struct):
+class MarketInfo(Struct, frozen=True):
     fqme: str
     symbol: str
     venue: str | None
@@ -88,7 +88,7 @@ class MarketInfo(Struct):
     description: str
 
 
-class SimTick(Struct):
+class SimTick(Struct, frozen=True):
     """A quote; a trade too when ``last``/``last_size`` are set."""
 
     fqme: str
@@ -214,7 +214,7 @@ def _hour_anchors(market: SimMarket, day: int) -> np.ndarray:
     return np.append(path, end)
 
 
-class _Chunk(Struct):
+class _Chunk(Struct, frozen=True):
     bid_ticks: np.ndarray  # per grid point
     trade_ts_ns: np.ndarray  # sorted
     trade_ticks: np.ndarray

@@ -274,6 +274,37 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+# tractor 0.1.0a5 logs these for ordinary cancellation and teardown (wart 12);
+# the condition they describe reaches our code as an exception where it matters
+_TRACTOR_BENIGN = (
+    'Stream was already destroyed',
+    'Cancelling existing result waiter task',
+    'Ignoring msg from',
+    'Discarding stream delivered',
+    'No actor could be found @',
+)
+_CANCEL_MARKERS = ('ContextCancelled', 'trio.Cancelled', 'Cancelled\n', 'KeyboardInterrupt')
+
+
+class _TractorNoiseFilter(logging.Filter):
+    """Drops tractor's benign cancellation/teardown chatter unless at debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith('tractor') or _level_no <= logging.DEBUG:
+            return True
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return True
+        if msg.startswith(_TRACTOR_BENIGN):
+            return False
+        if msg.startswith(('Remote context error', 'Actor crashed', 'Cancelled?')) and any(
+            m in msg for m in _CANCEL_MARKERS
+        ):
+            return False
+        return True
+
+
 class _TractorConsoleGuard(logging.Handler):
     """Sits on the ``tractor`` logger and emits nothing. tractor's
     ``get_console_log()`` (run by ``open_root_actor`` and at child boot) adds its
@@ -390,6 +421,7 @@ def setup_logging(
         final = _CappedConsoleRenderer(colors=_isatty(fd))
         processors = [ProcessorFormatter.remove_processors_meta, final]
     handler = _LineHandler(fd, journal=fd is not None and stdout_is_journal(fd))
+    handler.addFilter(_TractorNoiseFilter())
     handler.setFormatter(ProcessorFormatter(
         processors=processors, foreign_pre_chain=_FOREIGN_PRE_CHAIN,
     ))

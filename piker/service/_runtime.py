@@ -119,6 +119,23 @@ async def open_runtime(
         _services = None
 
 
+async def _own_heartbeat(period_secs: float, *,
+                         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+                         ) -> None:
+    with trio.CancelScope() as scope:
+        await run_heartbeat(PIKERD, PIKERD, period_secs, task_status=_Started(task_status, scope))
+
+
+class _Started:
+    """Reports ``value`` to ``task_status`` whatever the inner task passes."""
+
+    def __init__(self, task_status: trio.TaskStatus, value: object) -> None:
+        self._ts, self._value = task_status, value
+
+    def started(self, _: object = None) -> None:
+        self._ts.started(self._value)
+
+
 @asynccontextmanager
 async def _open_pikerd(registry_addr: tuple[str, int], heartbeat_secs: float,
                        stale_after_secs: float, stop_timeout_secs: float,
@@ -134,12 +151,13 @@ async def _open_pikerd(registry_addr: tuple[str, int], heartbeat_secs: float,
                 with trio.fail_after(STARTUP_TIMEOUT_SECS):
                     await services.ensure(healthd_init(
                         stale_after_secs=stale_after_secs, heartbeat_secs=heartbeat_secs))
-                await nursery.start(run_heartbeat, PIKERD, PIKERD, heartbeat_secs)
+                beat_scope = await nursery.start(_own_heartbeat, heartbeat_secs)
                 log.info('pikerd.ready', registry=f'{registry_addr[0]}:{registry_addr[1]}')
                 try:
                     yield Runtime(name=PIKERD, registry_addr=registry_addr,
                                   is_pikerd=True, services=services)
                 finally:
+                    beat_scope.cancel()
                     with trio.CancelScope(shield=True):
                         log.info('pikerd.stopping', services=len(services.list()))
                         await services.shutdown(stop_timeout_secs)

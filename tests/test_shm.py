@@ -2,6 +2,7 @@
 no leaks whoever dies first, no resource_tracker noise."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,14 +33,14 @@ READER_CODE = textwrap.dedent('''
     from piker.data._shm import ShmArray
     shm = ShmArray.attach(json.loads(sys.argv[1]))
     view = shm.array            # taken once: later writes must show through it
-    print('ready', flush=True)
+    print('>>ready', flush=True)
     for line in sys.stdin:
         try:
             view['close'][0] = -1.0
             write_error = None
         except ValueError as exc:
             write_error = str(exc)
-        print(json.dumps({
+        print('>>' + json.dumps({
             'view_last_close': float(view[-1]['close']),
             'len': len(shm),
             'array_last_close': float(shm.array[-1]['close']),
@@ -66,6 +67,26 @@ def _spawn(code: str, *args: str) -> subprocess.Popen:
     )
 
 
+def _reply(proc: subprocess.Popen) -> str:
+    """The child's next `>>`-marked stdout line (anything else, e.g. logs, is skipped)."""
+    for line in proc.stdout:
+        if line.startswith('>>'):
+            return line[2:].strip()
+    raise AssertionError(f'child exited without replying: {proc.stderr.read()}')
+
+
+def _reap(proc: subprocess.Popen) -> str:
+    """Kill (if still running), wait, close the pipes; returns what was left on stderr."""
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    proc.kill()
+    proc.wait(PROC_TIMEOUT_SECS)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    return stderr
+
+
 def _assert_no_tracker_noise(stderr: str) -> None:
     assert 'resource_tracker' not in stderr
     assert 'leaked' not in stderr
@@ -81,18 +102,16 @@ def test_subprocess_reader_sees_writes_zero_copy_and_is_readonly(shm):
     shm.push(_bars([1.0, 2.0, 3.0]))
     reader = _spawn(READER_CODE, json.dumps(shm.token.to_dict()))
     try:
-        assert reader.stdout.readline().strip() == 'ready'
+        assert _reply(reader) == 'ready'
         shm.update_last(close=42.5)
         shm.push(_bars([7.0]))
         reader.stdin.write('check\n')
         reader.stdin.flush()
-        seen = json.loads(reader.stdout.readline())
+        seen = json.loads(_reply(reader))
         reader.stdin.close()
         assert reader.wait(PROC_TIMEOUT_SECS) == 0
-        stderr = reader.stderr.read()
     finally:
-        reader.kill()
-        reader.wait()
+        stderr = _reap(reader)
     assert seen['view_last_close'] == 42.5  # the old view shows the new value
     assert seen['len'] == 4
     assert seen['array_last_close'] == 7.0
@@ -108,17 +127,16 @@ def test_killed_reader_then_owner_close_leaves_no_segment():
     path = SHM_DIR / shm.name
     reader = _spawn(READER_CODE, json.dumps(shm.token.to_dict()))
     try:
-        assert reader.stdout.readline().strip() == 'ready'
+        assert _reply(reader) == 'ready'
         reader.send_signal(signal.SIGKILL)
         reader.wait(PROC_TIMEOUT_SECS)
         assert path.exists()  # a dying reader never takes the segment with it
         assert list(shm.array['close']) == [1.0, 2.0]
     finally:
-        reader.kill()
-        reader.wait()
+        stderr = _reap(reader)
         shm.close()
     assert not path.exists()
-    _assert_no_tracker_noise(reader.stderr.read())
+    _assert_no_tracker_noise(stderr)
 
 
 def test_killed_owner_segment_removed_by_sweep():
@@ -126,19 +144,18 @@ def test_killed_owner_segment_removed_by_sweep():
         import time
         from piker.data._shm import ShmArray
         shm = ShmArray.create('doomed', capacity=8)
-        print(shm.name, flush=True)
+        print('>>' + shm.name, flush=True)
         time.sleep(60)
     ''')
     owner = _spawn(code)
     try:
-        name = owner.stdout.readline().strip()
+        name = _reply(owner)
         assert owner_pid(name) == owner.pid
         assert (SHM_DIR / name).exists()
         owner.send_signal(signal.SIGKILL)
         owner.wait(PROC_TIMEOUT_SECS)
     finally:
-        owner.kill()
-        owner.wait()
+        _reap(owner)
     assert (SHM_DIR / name).exists()  # SIGKILL runs no cleanup
     assert name in sweep_stale_segments()
     assert not (SHM_DIR / name).exists()
@@ -157,7 +174,7 @@ def test_sigterm_teardown_via_cancellation_unlinks_segment():
         async def main():
             with trio.open_signal_receiver(signal.SIGTERM) as sigs:
                 with open_shm_array('sigterm', capacity=8) as shm:
-                    print(shm.name, flush=True)
+                    print('>>' + shm.name, flush=True)
                     async for _ in sigs:
                         return
 
@@ -165,26 +182,29 @@ def test_sigterm_teardown_via_cancellation_unlinks_segment():
     ''')
     owner = _spawn(code)
     try:
-        name = owner.stdout.readline().strip()
+        name = _reply(owner)
         assert (SHM_DIR / name).exists()
         owner.send_signal(signal.SIGTERM)
         assert owner.wait(PROC_TIMEOUT_SECS) == 0
     finally:
-        owner.kill()
-        owner.wait()
+        stderr = _reap(owner)
     assert not (SHM_DIR / name).exists()
-    _assert_no_tracker_noise(owner.stderr.read())
+    _assert_no_tracker_noise(stderr)
 
 
 def test_owner_exit_without_close_unlinks_segment():
     code = textwrap.dedent('''
         from piker.data._shm import ShmArray
         shm = ShmArray.create('forgotten', capacity=8)
-        print(shm.name, flush=True)
+        print('>>' + shm.name, flush=True)
     ''')
     owner = _spawn(code)
-    out, err = owner.communicate(timeout=PROC_TIMEOUT_SECS)
-    assert owner.returncode == 0, err
+    try:
+        out = _reply(owner)
+        assert owner.wait(PROC_TIMEOUT_SECS) == 0
+    finally:
+        err = _reap(owner)
+    assert not err
     assert not (SHM_DIR / out.strip()).exists()
 
 

@@ -1,4 +1,4 @@
-"""OHLC ring-less buffers in POSIX shared memory, shared zero-copy between actors.
+"""OHLC buffers in POSIX shared memory, read zero-copy by other actors.
 
 One writer (datad / samplerd) owns a segment; any number of readers attach
 read-only and see the writer's rows through a numpy view of the same pages.
@@ -356,9 +356,7 @@ class ShmArray:
             self._finalizer.detach()
             if _unlink(self._name):
                 log.debug('shm.unlinked', shm_name=self._name)
-        header, rows = self._header, self._rows
-        del self._header, self._rows
-        del header, rows
+        del self._header, self._rows  # drop our own exports of the mapping
         try:
             self._mmap.close()
         except BufferError:

@@ -37,6 +37,11 @@ class Ctx:
         self.registry = registry
         self.state_dir_override = state_dir
 
+    @property
+    def strategies_dir(self) -> Path:
+        base = Path(self.source).resolve().parent if self.source else Path.cwd()
+        return (base / self.cfg.strategies_dir).resolve()
+
     def state_dir(self) -> Path:
         return _config.state_dir(
             str(self.state_dir_override) if self.state_dir_override else None, self.cfg)
@@ -176,8 +181,28 @@ def bot() -> None:
 @common_options
 def bot_check(config_path: str | None, registry: str | None, state_dir: str | None) -> None:
     """Validate a bot config file (and its strategies)."""
+    from .bot import validate_strategies
     ctx = load_ctx(config_path, registry, state_dir, require_file=True)
-    click.echo(f'{ctx.source}: ok ({len(ctx.cfg.strategies)} strategies, mode={ctx.cfg.mode})')
+    problems = validate_strategies(ctx.cfg, ctx.strategies_dir, known_markets(ctx.cfg))
+    if problems:
+        for line in problems:
+            click.echo(f'piker: error: {ctx.source}: {line}', err=True)
+        sys.exit(EXIT_USAGE)
+    names = ', '.join(f'{s.name} ({s.strategy})' for s in ctx.cfg.strategies) or 'none'
+    click.echo(f'{ctx.source}: ok: mode={ctx.cfg.mode} backend={ctx.cfg.backend} '
+               f'strategies: {names}')
+
+
+def known_markets(cfg: BotCfg) -> list[str] | None:
+    """The markets a backend can be asked for without a network round trip
+    (None: only the backend itself can tell, e.g. ib)."""
+    if cfg.backend == 'sim':
+        from .brokers.sim import list_fqmes
+        return list_fqmes()
+    if cfg.backend == 'replay':
+        data_dir = Path(cfg.brokers.replay.data_dir)
+        return sorted(f'{p.stem.lower()}.replay' for p in data_dir.glob('*.csv'))
+    return None
 
 
 EXTENSIONS = ('piker.data._cli', 'piker.clearing._cli', 'piker.bot._cli', 'piker.brokers._cli')

@@ -137,6 +137,8 @@ class StrategyCfg(Cfg):
     account: str = 'paper'
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     on_error: Literal['cancel', 'cancel_and_flatten', 'leave'] = 'cancel'
+    # what a graceful stop (SIGTERM, end of `--for`) does with open orders/positions
+    on_stop: Literal['cancel', 'cancel_and_flatten', 'leave'] = 'cancel'
     schedule: ScheduleCfg = msgspec.field(default_factory=ScheduleCfg)
 
 
@@ -153,6 +155,8 @@ class BotCfg(Cfg):
     risk: RiskCfg = msgspec.field(default_factory=RiskCfg)
     paper: PaperCfg = msgspec.field(default_factory=PaperCfg)
     strategies: list[StrategyCfg] = msgspec.field(default_factory=list)
+    # where `strategy = "<name>"` modules live; relative to the config file's directory
+    strategies_dir: str = 'strategies'
     # seconds for the whole tree to stop on SIGTERM before it gives up waiting
     stop_timeout_secs: PositiveFloat = 20.0
 

@@ -373,6 +373,37 @@ async def test_resting_order_cancels_and_unknown_cancel_errors(gw: FakeGateway):
     assert gw.order(order_ref='oid-rest').status == 'Cancelled'
 
 
+async def test_resting_limits_fill_on_price_move_modify_and_manual_fill(gw: FakeGateway):
+    gw.set_fill_mode('partial_rest', order_ref='oid-pr')
+
+    async def client(port: int):
+        ib = await connect(port)
+        try:
+            [c] = await ib.qualifyContractsAsync(ib_async.Stock('GLD', 'SMART', 'USD'))
+            dip = ib.placeOrder(c, ib_async.LimitOrder('BUY', 2, 230.0, orderRef='oid-dip'))
+            high = ib.placeOrder(c, ib_async.LimitOrder('SELL', 1, 300.0, orderRef='oid-mod'))
+            pr = ib.placeOrder(c, ib_async.LimitOrder('BUY', 4, 100.0, orderRef='oid-pr'))
+            await until(lambda: pr.orderStatus.filled == 2 and high.orderStatus.status
+                        == 'Submitted', what='orders working')
+            on_gw(gw.set_price, 229.0, symbol='gld.arca')
+            await until(dip.isDone, what='dip buy filled by the price move')
+            high.order.lmtPrice = 200.0
+            ib.placeOrder(c, high.order)  # modify: now marketable
+            await until(high.isDone, what='modified sell filled')
+            on_gw(gw.fill_order, order_ref='oid-pr')
+            await until(pr.isDone, what='manual fill of the remainder')
+            return dip, high, pr
+        finally:
+            ib.disconnect()
+
+    with trio.fail_after(10):
+        dip, high, pr = await in_client(client, gw.port)
+    assert [f.execution.price for f in dip.fills] == [229.01]  # the ask after the move
+    assert high.orderStatus.status == 'Filled' and high.fills[0].execution.price == 229.0
+    assert [f.execution.shares for f in pr.fills] == [2.0, 2.0]
+    assert pr.orderStatus.status == 'Filled'
+
+
 async def test_open_and_completed_orders_come_back_on_connect(gw: FakeGateway):
     async def client(port: int):
         ib = await connect(port, client_id=1)
@@ -532,6 +563,34 @@ async def test_what_if_order_returns_margin_without_placing(gw: FakeGateway):
         state = await in_client(client, gw.port)
     assert float(state.initMarginChange) > 0
     assert set(gw.broker.orders) == {(1, 6), (1, 7)}  # only the scenario's; nothing placed
+
+
+@pytest.mark.parametrize('server_version', [157, 163, 166, 170, 176])
+async def test_older_server_versions_decode_cleanly(server_version: int):
+    """The layouts gated on server version (contract details, openOrder,
+    completedOrder, execDetails, errors) all still decode."""
+    scenario = demo_scenario(server_version=server_version, tick_interval_secs=0)
+    async with open_fake_gateway(scenario) as gw:
+        async def client(port: int):
+            ib = await connect(port)
+            errors = error_log(ib)
+            try:
+                [c] = await ib.qualifyContractsAsync(ib_async.Stock('SPY', 'SMART', 'USD'))
+                trade = ib.placeOrder(c, ib_async.MarketOrder('SELL', 3, orderRef='oid-sv'))
+                await until(trade.isDone, what='fill')
+                done = await ib.reqCompletedOrdersAsync(False)
+                await ib.reqContractDetailsAsync(ib_async.Stock('NOPE'))
+                return ib.client.serverVersion(), c.conId, trade, done, errors
+            finally:
+                ib.disconnect()
+
+        with trio.fail_after(10):
+            sv, con_id, trade, done, errors = await in_client(client, gw.port)
+        assert gw.protocol_errors == []
+    assert sv == server_version and con_id == 756733
+    assert trade.orderStatus.status == 'Filled' and trade.fills[0].execution.orderRef == 'oid-sv'
+    assert {t.order.orderRef for t in done} == {'demo-done-1', 'oid-sv'}
+    assert any(code == 200 for _, code, _ in errors)
 
 
 async def test_standalone_module_prints_port_and_serves_a_client():

@@ -9,6 +9,20 @@ what checks our bytes.
     async with open_fake_gateway() as gw:      # demo scenario, free port
         ...  # ib.connectAsync('127.0.0.1', gw.port, clientId=1)
 
+The gateway lives on the trio thread that opened it; its methods are sync.
+From a worker thread running an asyncio client call them through
+``trio.from_thread.run_sync(gw.drop_connections)`` and friends:
+
+- inspect: ``gw.port``, ``gw.clients``, ``gw.requests`` (:class:`Received`),
+  ``gw.protocol_errors`` (assert it stays empty), ``gw.order(order_ref=...)``,
+  ``gw.executions``, ``gw.broker`` (all order/position state);
+- inject: ``drop_connections()``, ``send_error(code, msg, req_id=-1)``,
+  ``lose_connectivity()`` / ``restore_connectivity(data_lost=...)``,
+  ``add_execution(...)``, ``refuse_client_id(id)``,
+  ``set_fill_mode(mode, symbol=|order_ref=|order_id=)``,
+  ``set_price(price, symbol='GLD.ARCA')``, ``fill_order(order_ref=...)``;
+- wait: ``await gw.wait_until(predicate)``.
+
 Run standalone with ``python -m tests.fake_tws [--port N] [--scenario demo]``.
 """
 from ._broker import Broker as Broker

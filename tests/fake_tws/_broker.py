@@ -465,14 +465,18 @@ class Broker:
                 if not o.done]
 
     def resolve(self, symbol: str | None, con_id: int | None, what: str) -> Listing:
+        """A listing by conId, or by ``SYMBOL``, ``SYMBOL.VENUE`` or local symbol."""
         if con_id is not None:
             return self._listing(con_id, what)
-        hits = [lst for lst in self.listings if symbol and lst.symbol.upper() == symbol.upper()]
+        key = (symbol or '').upper()
+        hits = [lst for lst in self.listings
+                if key in (lst.symbol.upper(), lst.local.upper(),
+                           f'{lst.symbol}.{lst.exchange}'.upper())]
         if len(hits) != 1:
-            names = sorted({f'{lst.symbol}@{lst.exchange}:{lst.con_id}' for lst in self.listings})
+            names = sorted(f'{lst.symbol}.{lst.exchange}' for lst in self.listings)
             raise ValueError(
-                f'{what}: symbol {symbol!r} matches {len(hits)} listings; pass con_id= '
-                f'to pick one of {names}'
+                f'{what}: symbol {symbol!r} matches {len(hits)} listings; name one as '
+                f"'SYMBOL.VENUE' or pass con_id=; listings: {names}"
             )
         return hits[0]
 
@@ -491,7 +495,12 @@ class Broker:
                 if not o.done and (client_id in (None, 0) or o.client_id == client_id)]
 
     def executions_matching(self, f: ReqExecutions) -> list[ExecRecord]:
-        since = parse_end_time(f.time, 0) if f.time else None
+        since = None
+        if f.time:
+            try:
+                since = parse_end_time(f.time, 0)
+            except ValueError:
+                log.warning('fake_tws.exec_filter.bad_time', time=f.time)
         side = {'BUY': 'BOT', 'SELL': 'SLD'}.get(f.side.upper(), f.side.upper())
         out = []
         for ex in self.executions:

@@ -85,25 +85,22 @@ class _Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
-    def send_bytes(self, data: bytes) -> None:
-        try:
-            self._tx.send_nowait(data)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-
     def close_outbox(self) -> None:
         self._tx.close()
 
     async def writer(self) -> None:
-        async with self._rx:
-            async for data in self._rx:
-                batch = [data]
-                while True:
-                    try:
-                        batch.append(self._rx.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self.stream.send_all(b''.join(batch))
+        try:
+            async with self._rx:
+                async for data in self._rx:
+                    batch = [data]
+                    while True:
+                        try:
+                            batch.append(self._rx.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self.stream.send_all(b''.join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.cancel_scope.cancel()  # the peer is gone: stop reading too
 
 
 class FakeGateway:
@@ -303,8 +300,8 @@ class FakeGateway:
                         await self._read_loop(sess)
                     finally:
                         sess.close_outbox()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except Exception as err:  # a fake bug: record it, keep serving others
+            self._protocol_error(sess, f'connection handler failed: {err!r}')
         finally:
             self._sessions.discard(sess)
             if sess.ready:
@@ -320,7 +317,10 @@ class FakeGateway:
     async def _read_loop(self, sess: _Session) -> None:
         reader = FrameReader(expect_prefix=True)
         while not sess.closing:
-            data = await sess.stream.receive_some(65536)
+            try:
+                data = await sess.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
             if not data:
                 return
             try:

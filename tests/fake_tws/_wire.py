@@ -25,11 +25,6 @@ def frame(*fields: object) -> bytes:
     return struct.pack('>I', len(payload)) + payload
 
 
-def raw_frame(text: bytes) -> bytes:
-    """A length-prefixed payload sent verbatim (the handshake version line)."""
-    return struct.pack('>I', len(text)) + text
-
-
 def fmt(value: object) -> str:
     """Render one field the way TWS does (bools as 0/1, unset as empty)."""
     match value:

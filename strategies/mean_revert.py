@@ -73,7 +73,7 @@ class MeanRevert(Strategy):
         mean, std = self._bands[fqme]
         for order in ctx.open_orders(fqme):
             ctx.cancel(order.oid)
-        if std == 0.0:
+        if std == 0.0 or mean <= 0.0:  # no spread to trade, or a nonsense series
             return
         pos = ctx.position(fqme)
         if pos == 0.0:

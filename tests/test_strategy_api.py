@@ -419,3 +419,40 @@ def test_runner_from_cfg_wires_params_window_and_account() -> None:
     assert (runner.strategy.params.fast, runner.strategy.params.slow) == (3, 6)
     assert (runner.ctx.account, runner.on_error, runner.name) == ('acct', 'leave', 'sma')
     assert runner.window is not None and runner.window.is_open(T0)
+
+
+class Lifecycle(Strategy):
+    def on_start(self, ctx):
+        ctx.buy(MKT, 1, limit=50.0)
+
+    def on_quote(self, ctx, fqme, quote):
+        if quote['last'] > 100:
+            ctx.sell(fqme, 1)
+
+    def on_stop(self, ctx):
+        ctx.flatten()
+
+
+def test_start_quote_stop_callbacks_return_their_intents() -> None:
+    runner = StrategyRunner(Lifecycle(), new_ctx())
+    [resting] = runner.start()
+    assert runner.quote(MKT, {'last': 99.0}) == []
+    [sell] = runner.quote(MKT, {'last': 101.0})
+    assert (sell.action, sell.kind) == ('sell', 'market')
+    cancels = runner.stop()
+    assert {c.oid for c in cancels} == {resting.oid, sell.oid}
+    assert all(isinstance(c, Cancel) for c in cancels)
+    assert runner.stop() == [] and runner.quote(MKT, {'last': 200.0}) == []
+    summary = runner.summary()
+    assert (summary.state, summary.orders_sent, summary.cancels_sent) == ('stopped', 2, 2)
+    assert summary.line() == 't: stopped | orders 2 (dropped 0) | fills 0 | flat'
+
+
+def test_on_start_exception_fails_before_any_event() -> None:
+    class Bad(Strategy):
+        def on_start(self, ctx):
+            raise KeyError('missing')
+
+    runner = StrategyRunner(Bad(), new_ctx())
+    assert runner.start() == []
+    assert runner.failed and runner.summary().error == "KeyError: 'missing'"

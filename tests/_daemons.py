@@ -44,3 +44,17 @@ async def maybe_spawn_echod(**kwargs: Any) -> AsyncIterator[tractor.Portal]:
 
 async def whoami() -> dict[str, Any]:
     return {'pid': os.getpid(), 'name': tractor.current_actor().name}
+
+
+@tractor.context
+async def _setup_persistent_broken(ctx: tractor.Context) -> None:
+    async with daemon_lifetime('broken'):
+        raise ValueError('no such widget: set `widget` in bot.toml')
+
+
+def broken_init() -> DaemonSpec:
+    return DaemonSpec(
+        name='broken', kind='broken',
+        fixture='tests._daemons:_setup_persistent_broken',
+        enable_modules=['tests._daemons'],
+    )

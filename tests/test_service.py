@@ -167,3 +167,22 @@ async def test_second_pikerd_on_same_registry_is_refused(reg_addr, tmp_path, pik
     assert res.returncode == 2
     assert 'already answers' in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+async def test_daemon_failing_at_startup_is_reported_and_ended(reg_addr, state_dir):
+    from piker.service import ServiceUnavailable, maybe_spawn_daemon
+    with trio.fail_after(40):
+        async with open_runtime('tester', reg_addr) as rt:
+            before = set(descendants(os.getpid()))
+            try:
+                async with maybe_spawn_daemon('tests._daemons:broken_init'):
+                    raise AssertionError('should not start')
+            except ServiceUnavailable as err:
+                assert 'broken failed to start' in str(err)
+                assert 'ValueError: no such widget' in str(err)
+            else:
+                raise AssertionError('no error')
+            assert rt.services.get('broken') is None
+            # the failed actor's process is gone
+            while set(descendants(os.getpid())) - before:
+                await trio.sleep(0.1)

@@ -10,7 +10,7 @@ import trio
 
 from ..log import get_logger
 from ._runtime import PIKERD, get_services
-from ._services import START_TIMEOUT_SECS, ServiceInfo
+from ._services import START_TIMEOUT_SECS, ServiceInfo, SpawnError, remote_error_line
 from ._spec import resolve_spec
 
 log = get_logger(__name__)
@@ -46,13 +46,19 @@ async def request_spawn(init: str, kwargs: dict[str, Any]) -> ServiceInfo:
     """Have pikerd find-or-spawn the daemon; returns once it serves requests."""
     services = get_services()
     if services is not None:
-        return await services.ensure(resolve_spec(init, kwargs))
+        try:
+            return await services.ensure(resolve_spec(init, kwargs))
+        except SpawnError as err:
+            raise ServiceUnavailable(str(err)) from None
     async with find_service(PIKERD) as pikerd:
         if pikerd is None:
             raise ServiceUnavailable('no pikerd is running on this registry; start `piker pikerd`')
         with trio.fail_after(START_TIMEOUT_SECS + 5):
-            raw = await pikerd.run_from_ns(
-                'piker.service._rpc', 'spawn_service', init=init, kwargs=kwargs)
+            try:
+                raw = await pikerd.run_from_ns(
+                    'piker.service._rpc', 'spawn_service', init=init, kwargs=kwargs)
+            except tractor.RemoteActorError as err:
+                raise ServiceUnavailable(remote_error_line(err)) from None
     return ServiceInfo(name=raw['name'], kind=raw['kind'], pid=raw['pid'],
                        addr=tuple(raw['addr']), tier=raw['tier'], critical=raw['critical'],
                        started=raw.get('started'))

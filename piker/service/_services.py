@@ -37,6 +37,18 @@ class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
     started: Any = None
 
 
+class SpawnError(RuntimeError):
+    """A daemon whose lifetime fixture failed before it was up; the text holds
+    the remote error's last line."""
+
+
+def remote_error_line(err: tractor.RemoteActorError) -> str:
+    """The ``Type: message`` line a remote traceback ends with."""
+    tb = (err.msgdata or {}).get('tb_str', '') or str(err)
+    lines = [ln.strip() for ln in tb.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else repr(err)
+
+
 class ServiceDied(Exception):
     """A daemon's process exited without pikerd asking it to."""
 
@@ -96,8 +108,8 @@ class Services:
             infect_asyncio=spec.infect_asyncio,
         )
         run: _Running | None = None
-        with trio.CancelScope() as scope:
-            try:
+        try:
+            with trio.CancelScope() as scope:
                 async with portal.open_context(fixture, **spec.fixture_kwargs) as (ctx, first):
                     first = first or {}
                     info = ServiceInfo(
@@ -113,22 +125,31 @@ class Services:
                     await wait_pid_exit(info.pid)
                     if not run.stopping:
                         raise ServiceDied(spec.name)
-            except ServiceDied:
-                pass
-            except tractor.ContextCancelled:
-                if run is None or not run.stopping:
-                    raise
-            except tractor.RemoteActorError as err:
-                log.error('service.crashed', service=spec.name,
-                          error=err.msgdata.get('type_str'),
-                          remote_tb=err.msgdata.get('tb_str', '')[-2000:])
+        except ServiceDied:
+            pass
+        except tractor.ContextCancelled:
+            if run is None or not run.stopping:
+                raise
+        except tractor.RemoteActorError as err:
+            reason = remote_error_line(err)
+            if run is None:
+                # failed while starting: nobody else holds this actor, end it
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_SECS):
+                    await portal.cancel_actor()
+                log.error('service.start_failed', service=spec.name, error=reason)
+                raise SpawnError(f'{spec.name} failed to start: {reason}') from None
+            log.error('service.crashed', service=spec.name, error=reason,
+                      remote_tb=err.msgdata.get('tb_str', '')[-4000:])
+            if not run.stopping:
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_SECS):
+                    await portal.cancel_actor()
         if run is not None:
             self._running.pop(spec.name, None)
             run.exited.set()
             if not run.stopping:
                 self.deaths.append(spec.name)
                 log.error('service.died', service=spec.name, pid=run.info.pid,
-                          hint='the daemon process exited unexpectedly; '
+                          hint='the daemon exited unexpectedly; '
                           'it will be started again on next use')
                 await self._forget(portal)
 

@@ -166,6 +166,34 @@ class BrokerdPosition(Msg, frozen=True, tag='brokerd_position'):
     ts_ns: int = 0
 
 
+# -- contract warm-up (client -> emsd -> broker and back) ---------------------
+
+class Warm(Msg, frozen=True, tag='warm'):
+    """A client asks the brokers of these markets to resolve and cache their
+    market info / contracts before trading starts."""
+    reqid: str
+    fqmes: list[str] = msgspec.field(default_factory=list)
+
+
+class Warmed(Msg, frozen=True, tag='warmed'):
+    """emsd's answer to :class:`Warm`: what was warmed, and why the rest failed."""
+    reqid: str
+    fqmes: list[str] = msgspec.field(default_factory=list)
+    # fqme -> reason it could not be resolved
+    errors: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class BrokerdWarm(Msg, frozen=True, tag='brokerd_warm'):
+    reqid: str
+    fqmes: list[str] = msgspec.field(default_factory=list)
+
+
+class BrokerdWarmed(Msg, frozen=True, tag='brokerd_warmed'):
+    reqid: str
+    fqmes: list[str] = msgspec.field(default_factory=list)
+    errors: dict[str, str] = msgspec.field(default_factory=dict)
+
+
 BrokerRequest = BrokerdOrder | BrokerdCancel
 BrokerEvent = (
     BrokerdOrderAck | BrokerdStatus | BrokerdFill | BrokerdError | BrokerdPosition

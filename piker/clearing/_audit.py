@@ -1,0 +1,61 @@
+"""The operator audit trail: ``<state_dir>/audit.jsonl``, append-only.
+
+Every operator action on emsd (halt, resume, cancel_all, flatten) and every
+automatic halt is one JSON line, written with a single ``os.write`` and
+fsynced, so the trail survives a crash the instant after the action.
+"""
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..log import get_logger
+
+log = get_logger(__name__)
+
+AUDIT_NAME = 'audit.jsonl'
+_encode = msgspec.json.Encoder().encode
+
+
+class AuditLog:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, action: str, by: str, **fields: Any) -> dict[str, Any]:
+        """Append one record and log it as ``audit.<action>``; returns it."""
+        now = datetime.now(UTC)
+        entry = {
+            'ts': now.isoformat(timespec='microseconds'),
+            'action': action,
+            'by': by,
+            **fields,
+        }
+        line = _encode(entry) + b'\n'
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.info(f'audit.{action}', by=by, **fields)
+        return entry
+
+
+def read_audit(path: Path | str) -> list[dict[str, Any]]:
+    """Every whole record (a torn last line from a crash is skipped)."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in raw.splitlines():
+        try:
+            out.append(msgspec.json.decode(line))
+        except msgspec.DecodeError:
+            continue
+    return out

@@ -2,9 +2,13 @@
 and the real tree (client -> emsd -> paperboi.sim -> client over datad.sim)."""
 from __future__ import annotations
 
+import json
+import os
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
+import trio
 
 from piker.clearing import (
     BrokerdFill,
@@ -12,12 +16,16 @@ from piker.clearing import (
     DarkBook,
     DayPnl,
     Order,
+    Status,
+    open_ems,
     read_audit,
 )
 from piker.clearing._audit import AuditLog
 from piker.clearing._dialog import decode_events
-from piker.clearing._messages import BadMessage, to_wire
+from piker.clearing._messages import TERMINAL_STATES, BadMessage, to_wire
 from piker.clearing._quotes import normalize_batch
+from piker.config import BrokersCfg
+from piker.service import open_runtime
 
 DAY_NS = 86_400 * 10**9
 T0 = int(datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()) * 10**9
@@ -105,3 +113,211 @@ def test_dialog_batch_decoding_keeps_good_events_around_a_bad_one():
     assert isinstance(decode_events(to_wire(BrokerdFill(
         oid='o', reqid='r', fill_id='f', account='a', fqme='x.sim', action='buy',
         size=1, price=2)))[0], BrokerdFill)
+
+
+# -- helpers for the tree tests (also used by test_paper_tree / test_order_cli) ----
+
+# sim dev feed until piker.data.open_feed exists  # DEVHOOK
+os.environ.setdefault('PIKER_DEV_FEED', 'devfeed:open_feed')  # DEVHOOK
+os.environ['PYTHONPATH'] = '/tmp/devfeed:' + os.environ.get('PYTHONPATH', '')  # DEVHOOK
+
+BACKENDS = msgspec.to_builtins(BrokersCfg())
+
+
+async def place(ems, fqme: str, action: str, size: float, *, kind: str = 'market',
+                price: float | None = None, timeout_secs: float = 20) -> Status:
+    """Send an order and return its first settled status."""
+    order = ems.order(fqme, action, size, kind=kind, price=price)
+    await ems.send(order)
+    settled = TERMINAL_STATES | ({'open'} if kind == 'limit' else set()) | (
+        {'dark'} if kind in ('stop', 'alert') else set())
+    return await ems.wait(order.oid, states=settled, timeout_secs=timeout_secs)
+
+
+async def last_price(ems, fqme: str) -> float:
+    """emsd's last price for ``fqme`` (warming subscribes emsd to it)."""
+    await ems.warm([fqme])
+    with trio.fail_after(20):
+        while True:
+            marks = (await ems.ems_status())['marks']
+            if fqme in marks:
+                return marks[fqme]
+            await trio.sleep(0.05)
+
+
+def service_names(rt) -> list[str]:
+    return [s.name for s in rt.services.list()]
+
+
+def log_records(text: str, event: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if f'"event":"{event}"' in line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+# -- the real tree ---------------------------------------------------------------------
+
+RULES_RISK = {
+    'max_order_size': 5, 'max_position': 8, 'max_notional': 2000,
+    'max_orders_per_min': 8, 'price_band_frac': 0.05, 'daily_loss_limit': 1e9,
+}
+
+
+async def test_every_risk_rule_rejects_what_it_should_through_emsd(reg_addr, state_dir, capfd):
+    spy = 'spy.sim'
+    rejected: dict[str, str] = {}  # oid -> rule
+
+    async def expect(action, size, rule=None, fqme=spy, kind='market', price=None):
+        st = await place(ems, fqme, action, size, kind=kind, price=price)
+        if rule is None:
+            assert st.state in ('filled', 'open'), st
+        else:
+            assert st.state == 'rejected', st
+            assert f'({rule})' in st.reason or rule in st.reason, st.reason
+            rejected[st.oid] = rule
+        return st
+
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)):
+            async with open_ems(backend_cfgs=BACKENDS, backends=['sim'],
+                                risk_cfg=RULES_RISK) as ems:
+                last = await last_price(ems, spy)
+                assert 400 < last < 700
+                await expect('buy', 6, 'max_order_size')
+                await expect('buy', 4, 'max_notional')           # 4 x ~520 > 2000
+                await expect('buy', 3)                           # 1 accepted
+                await expect('buy', 3)                           # 2: position 6
+                await expect('buy', 3, 'max_position')           # would be 9 > 8
+                await expect('buy', 2)                           # 3: position 8
+                await expect('sell', 3)                          # 4: reducing always passes
+                await expect('buy', 1, 'price_band', kind='limit', price=round(last * 0.9, 2))
+                resting = await expect('buy', 1, kind='limit', price=round(last * 0.98, 2))  # 5
+                st = await place(ems, 'nope.sim', 'buy', 1)
+                assert st.state == 'rejected' and 'nope.sim' in st.reason
+                rejected[st.oid] = 'no_quote'
+                st = await place(ems, 'bad fqme', 'buy', 1)
+                assert st.state == 'rejected' and 'bad fqme' in st.reason
+                rejected[st.oid] = 'invalid_order'
+                await expect('buy', 1)                           # 6
+                await expect('sell', 1)                          # 7
+                await expect('buy', 1)                           # 8: the limit
+                await expect('buy', 1, 'max_orders_per_min')
+                # cancels are never gated
+                await ems.cancel(resting.oid)
+                assert (await ems.wait(resting.oid)).state == 'canceled'
+                stats = (await ems.ems_status())['risk']
+                assert stats['orders_last_min'] == 8
+                assert stats['rejected_by_rule']['max_orders_per_min'] == 1
+                assert ems.position(spy) == pytest.approx(6)
+        await trio.sleep(0.2)
+    # every rejection is a structured log record naming the rule
+    records = {r['oid']: r for r in log_records(capfd.readouterr().out, 'order.rejected')}
+    for oid, rule in rejected.items():
+        assert records[oid]['rule'] == rule
+        assert records[oid]['reason']
+        assert records[oid]['actor'] == 'emsd'
+
+
+async def test_dark_stop_and_alert_trigger_inside_emsd(reg_addr, state_dir):
+    fqme = 'btcusd.sim'
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)):
+            async with open_ems(backend_cfgs=BACKENDS, backends=['sim']) as ems:
+                last = await last_price(ems, fqme)
+                seen: dict[str, list[str]] = {}
+
+                async def watch() -> None:
+                    async for st in ems.statuses:
+                        seen.setdefault(st.oid, []).append(st.state)
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(watch)
+                    # a buy stop the market is already above fires at once
+                    stop = await place(ems, fqme, 'buy', 0.1, kind='stop',
+                                       price=round(last * 0.99))
+                    assert stop.state == 'dark'
+                    assert (await ems.wait(stop.oid, timeout_secs=10)).state == 'filled'
+                    # a sell alert above the market fires and only reports
+                    alert = await place(ems, fqme, 'sell', 1, kind='alert',
+                                        price=round(last * 1.01))
+                    assert (await ems.wait(alert.oid, timeout_secs=10)).state == 'triggered'
+                    # a far sell stop rests dark until canceled; modifying keeps it dark
+                    far = await place(ems, fqme, 'sell', 0.1, kind='stop',
+                                      price=round(last * 0.96))
+                    await ems.send(ems.order(fqme, 'sell', 0.2, kind='stop',
+                                             price=round(last * 0.955), oid=far.oid))
+                    await trio.sleep(0.5)
+                    assert ems.orders[far.oid].state == 'dark'
+                    assert ems.orders[far.oid].size == 0.2
+                    await ems.cancel(far.oid)
+                    assert (await ems.wait(far.oid)).state == 'canceled'
+                    n.cancel_scope.cancel()
+                assert seen[stop.oid] == ['dark', 'pending', 'open', 'filled']
+                assert seen[alert.oid] == ['dark', 'triggered']
+                assert seen[far.oid] == ['dark', 'dark', 'canceled']
+                assert ems.position(fqme) == pytest.approx(0.1)
+
+
+async def test_loss_limit_halt_persists_across_tree_restart_until_resumed(reg_addr, state_dir):
+    fqme = 'btcusd.sim'
+    with trio.fail_after(90):
+        # a 5.0 fee per order against a 1.0 daily loss limit: the first fill halts
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)):
+            async with open_ems(backend_cfgs=BACKENDS, backends=['sim'],
+                                risk_cfg={'daily_loss_limit': 1.0},
+                                paper_cfg={'fees': {'per_order': 5.0}}) as ems:
+                assert (await place(ems, fqme, 'buy', 0.01)).state == 'filled'
+                with trio.fail_after(5):
+                    while not (await ems.ems_status())['halted']:
+                        await trio.sleep(0.05)
+                st = await place(ems, fqme, 'buy', 0.01)
+                assert st.state == 'rejected' and 'halted' in st.reason
+                assert 'risk.daily_loss_limit' in st.reason
+        assert (state_dir / 'risk' / 'halt.toml').exists()
+        # a new tree (default limits) is still halted
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)):
+            async with open_ems(backend_cfgs=BACKENDS, backends=['sim']) as ems:
+                assert ems.halted_at_start
+                st = await place(ems, fqme, 'sell', 0.01)
+                assert st.state == 'rejected' and 'halted' in st.reason
+                status = await ems.resume(by='test-operator')
+                assert not status['halted']
+                assert (await place(ems, fqme, 'sell', 0.01)).state == 'filled'
+    audit = read_audit(state_dir / 'audit.jsonl')
+    assert [(r['action'], r['by']) for r in audit] == [
+        ('halt', 'risk.daily_loss_limit'), ('resume', 'test-operator')]
+
+
+async def test_operator_halt_cancel_all_and_flatten_are_audited(reg_addr, state_dir):
+    fqme = 'ethusd.sim'
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)):
+            async with open_ems(backend_cfgs=BACKENDS, backends=['sim']) as ems:
+                last = await last_price(ems, fqme)
+                assert (await place(ems, fqme, 'buy', 2)).state == 'filled'
+                limit = await place(ems, fqme, 'buy', 1, kind='limit', price=round(last * 0.97, 2))
+                stop = await place(ems, fqme, 'sell', 1, kind='stop', price=round(last * 0.96, 2))
+                assert (limit.state, stop.state) == ('open', 'dark')
+                await ems.halt('maintenance window', by='ops')
+                st = await place(ems, fqme, 'buy', 1)
+                assert st.state == 'rejected' and 'maintenance window' in st.reason
+                assert sorted(await ems.cancel_all(by='ops')) == sorted([limit.oid, stop.oid])
+                assert (await ems.wait(limit.oid)).state == 'canceled'
+                assert (await ems.wait(stop.oid)).state == 'canceled'
+                # flatten works while halted: it only reduces risk
+                (flat_oid,) = await ems.flatten(fqme=fqme, by='ops')
+                st = await ems.wait(flat_oid, timeout_secs=10)
+                assert st.state == 'filled' and st.action == 'sell' and st.size == 2
+                with trio.fail_after(5):
+                    while ems.position(fqme) != 0:
+                        await trio.sleep(0.05)
+                status = await ems.ems_status()
+                assert status['halted'] and status['open_orders'] == []
+    audit = read_audit(state_dir / 'audit.jsonl')
+    assert [r['action'] for r in audit] == ['halt', 'cancel_all', 'flatten']
+    assert audit[2]['positions'] == {fqme: 2.0} and audit[2]['oids'] == [flat_oid]

@@ -445,6 +445,10 @@ class Router:
                 errors[fqme] = resolved
             else:
                 by_backend[resolved[1]].append(resolved[0].fqme)
+        for fqmes in by_backend.values():
+            # emsd's own quotes too: the first order's risk check needs them
+            for fqme in fqmes:
+                self._nursery.start_soon(self._ensure_quotes, fqme)
         warmed: list[str] = []
         for backend, fqmes in by_backend.items():
             reqid = uuid.uuid4().hex

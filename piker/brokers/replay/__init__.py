@@ -7,3 +7,11 @@ from ._csv import parse_ohlc_csv as parse_ohlc_csv
 from ._csv import read_ohlc_csv as read_ohlc_csv
 from ._csv import replay_ticks as replay_ticks
 from ._csv import ticks_for_bar as ticks_for_bar
+
+# what this backend serves per daemon kind (see piker/brokers/_protocol.py)
+ENDPOINTS = {
+    'datad': {
+        'module': 'piker.brokers.replay.feed',
+        'endpoints': ['market_info', 'history', 'stream_quotes', 'search', 'wall_clock'],
+    },
+}

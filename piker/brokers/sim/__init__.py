@@ -10,3 +10,11 @@ from ._model import list_fqmes as list_fqmes
 from ._model import market_info as market_info
 from ._model import quotes_between as quotes_between
 from ._model import search as search
+
+# what this backend serves per daemon kind (see piker/brokers/_protocol.py)
+ENDPOINTS = {
+    'datad': {
+        'module': 'piker.brokers.sim.feed',
+        'endpoints': ['market_info', 'history', 'stream_quotes', 'search'],
+    },
+}

@@ -3,7 +3,6 @@ and the real tree (client -> emsd -> paperboi.sim -> client over datad.sim)."""
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 
 import msgspec
@@ -116,10 +115,6 @@ def test_dialog_batch_decoding_keeps_good_events_around_a_bad_one():
 
 
 # -- helpers for the tree tests (also used by test_paper_tree / test_order_cli) ----
-
-# sim dev feed until piker.data.open_feed exists  # DEVHOOK
-os.environ.setdefault('PIKER_DEV_FEED', 'devfeed:open_feed')  # DEVHOOK
-os.environ['PYTHONPATH'] = '/tmp/devfeed:' + os.environ.get('PYTHONPATH', '')  # DEVHOOK
 
 BACKENDS = msgspec.to_builtins(BrokersCfg())
 

@@ -139,11 +139,10 @@ class QuoteFeeds:
     async def _run_feed(self, fqme: str, state: _FeedState) -> None:
         try:
             backend = Fqme.parse(fqme).backend
-            import importlib  # DEVHOOK
-            import os  # DEVHOOK
-            _m, _f = os.environ.get('PIKER_DEV_FEED', 'piker.data:open_feed').split(':')  # DEVHOOK
-            open_feed = getattr(importlib.import_module(_m), _f)  # DEVHOOK
-            async with open_feed([fqme], backend_cfg=self._cfgs.get(backend) or {}) as feed:
+            from ..data import open_feed
+            # quotes only: no OHLC buffers or history for the order path
+            async with open_feed([fqme], backend_cfg=self._cfgs.get(backend) or {},
+                                 timeframes=[]) as feed:
                 state.market_info = _first_value(getattr(feed, 'market_info', None), fqme)
                 first = normalize_batch(getattr(feed, 'first_quotes', None) or {})
                 if first:

@@ -316,3 +316,27 @@ async def test_operator_halt_cancel_all_and_flatten_are_audited(reg_addr, state_
     audit = read_audit(state_dir / 'audit.jsonl')
     assert [r['action'] for r in audit] == ['halt', 'cancel_all', 'flatten']
     assert audit[2]['positions'] == {fqme: 2.0} and audit[2]['oids'] == [flat_oid]
+
+
+async def test_slow_client_loses_others_statuses_but_never_its_own():
+    from piker.clearing._router import SLOW_CLIENT_BACKLOG, ClientLink
+    link = ClientLink(1, 'slow')
+    mine = Status(oid='mine', state='pending')
+    theirs = Status(oid='theirs', state='pending')
+    for _ in range(SLOW_CLIENT_BACKLOG):
+        link.push(theirs, owned=False)
+    link.push(theirs, owned=False)
+    link.push(mine, owned=True)
+    assert link.backlog() == SLOW_CLIENT_BACKLOG + 1
+    assert link.dropped == 1
+
+
+async def test_live_mode_without_a_broker_backend_errors_the_order(reg_addr, state_dir):
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)) as rt:
+            async with open_ems(mode='live', backend_cfgs=BACKENDS) as ems:
+                st = await place(ems, 'btcusd.sim', 'buy', 0.01)
+                assert st.state == 'error'
+                assert "backend 'sim' has no live order side" in st.reason
+                assert "mode = 'paper'" in st.reason
+                assert not [n for n in service_names(rt) if n.startswith(('brokerd', 'paperboi'))]

@@ -38,7 +38,6 @@ from ._messages import Warm as Warm
 from ._messages import Warmed as Warmed
 from ._messages import decode_msg as decode_msg
 from ._messages import to_wire as to_wire
-from ._paper import maybe_spawn_paperboi as maybe_spawn_paperboi
 from ._paper import paperboi_init as paperboi_init
 from ._paper_engine import PaperEngine as PaperEngine
 from ._pnl import DayPnl as DayPnl

@@ -55,9 +55,11 @@ from ._messages import (
 log = get_logger(__name__)
 
 DIALOG_MODULE = __name__
-# daemon-kind init paths emsd spawns broker actors through
+# daemon-kind init paths emsd spawns broker actors through; a backend with a
+# live order side provides `piker/brokers/<backend>/broker.py:brokerd_init(
+# backend, backend_cfg)` (a path, so clearing never imports a backend)
 PAPERBOI_INIT = 'piker.clearing._paper:paperboi_init'
-BROKERD_INIT = 'piker.brokers._daemon:brokerd_init'
+BROKERD_INIT = 'piker.brokers.{backend}.broker:brokerd_init'
 # most events one stream message carries
 MAX_BATCH = 256
 # receive buffer of each side's stream (tractor's default is 64)

@@ -29,6 +29,7 @@ from ..config import PaperCfg, RiskCfg
 from ..log import get_logger
 from ..service import maybe_spawn_daemon
 from ..service._proc import wait_pid_exit
+from ..service._spec import SpecError, resolve_spec
 from ..types import Fqme, FqmeError
 from ._audit import AUDIT_NAME, AuditLog
 from ._dark import DarkBook
@@ -499,7 +500,8 @@ class Router:
                 'backend': backend, 'paper_cfg': msgspec.to_builtins(self.paper_cfg),
                 'backend_cfg': backend_cfg,
             }
-        return BROKERD_INIT, {'backend': backend, 'backend_cfg': backend_cfg}
+        return BROKERD_INIT.format(backend=backend), {
+            'backend': backend, 'backend_cfg': backend_cfg}
 
     async def dialog(self, backend: str) -> BrokerLink:
         """The open dialog to ``backend``'s broker, spawning it on first need."""
@@ -518,6 +520,13 @@ class Router:
         name = f'{init.rsplit(":", 1)[1].removesuffix("_init")}.{backend}'
         link: BrokerLink | None = None
         reason = 'dialog closed'
+        try:
+            resolve_spec(init, kwargs)
+        except SpecError:
+            raise RouteError(
+                f'backend {backend!r} has no live order side (no {init}); live mode needs '
+                "a backend with a brokerd (e.g. ib), or set mode = 'paper' in bot.toml"
+            ) from None
         try:
             with trio.CancelScope() as scope:
                 async with maybe_spawn_daemon(init, **kwargs) as portal:

@@ -363,8 +363,13 @@ class IbClient:
         of this role; raises ``ConnectionError`` naming everything tried."""
         cfg = self._cfg
         tried: list[str] = []
+        # the id we had first: IB only lets the placing client id manage its orders
+        ids = list(self._ids)
+        if self.conn is not None:
+            ids.remove(self.conn.client_id)
+            ids.insert(0, self.conn.client_id)
         for port in cfg.ports:
-            for cid in self._ids:
+            for cid in ids:
                 try:
                     await self._connect_once(port, cid)
                 except ClientIdInUse:

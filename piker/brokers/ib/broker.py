@@ -44,7 +44,6 @@ from ...config import ConfigError, IbCfg, state_dir
 from ...log import get_logger
 from ...service import DaemonSpec, daemon_lifetime
 from ...service._spec import TIER_BROKER
-from ...types import FqmeError
 from ._link import IbLink, LinkUp, open_ib_link
 from ._orders import AccountMap, OrderBook, external_oid
 from .api import (
@@ -193,6 +192,9 @@ class IbBrokerSession:
     def _refusal(self) -> tuple[int | None, str] | None:
         if self.link.is_up and self.synced.is_set():
             return None
+        if self.link.is_up:
+            return None, ('order refused: brokerd.ib is re-syncing orders and executions '
+                          'with IB after a reconnect; send again in a moment')
         code = 1100 if self.link.state == 'degraded' else None
         return code, (
             f'order refused: brokerd.ib is not connected to IB - {self.link.describe_down()}; '
@@ -238,6 +240,8 @@ class IbBrokerSession:
                 await self.sync(True)
                 log.info('brokerd.ib.restored', data_lost=data_lost)
             case LinkDown(reason=reason, code=code):
+                if self.synced.is_set():
+                    self.synced = trio.Event()  # orders wait for the re-sync
                 log.warning('brokerd.ib.degraded', reason=reason, code=code,
                             state=self.link.state)
             case OrderReport():
@@ -410,5 +414,3 @@ async def link_status() -> dict[str, Any]:
     }
 
 
-__all__ = ['FqmeError', 'IbBrokerSession', 'brokerd_init', 'link_status',
-           'open_broker_session']

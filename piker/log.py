@@ -296,7 +296,7 @@ class _TractorNoiseFilter(logging.Filter):
             msg = record.getMessage()
         except Exception:
             return True
-        if msg.startswith(_TRACTOR_BENIGN):
+        if msg.startswith(_TRACTOR_BENIGN) or msg.endswith('consumer is already closed'):
             return False
         if msg.startswith(('Remote context error', 'Actor crashed', 'Cancelled?')) and any(
             m in msg for m in _CANCEL_MARKERS

@@ -62,6 +62,9 @@ class BotState:
         self.last_prices: dict[str, float] = {}
         self.warmed: list[str] = []
         self.increments = 0
+        # set once startup finished: what a graceful stop needs
+        self.stop_fn: Any = None
+        self.stopped = False
 
 
 _state: BotState | None = None
@@ -157,11 +160,17 @@ async def _setup_persistent_bot(
                             run_jobs, scfg.schedule.jobs,
                             lambda job: enqueue(runner.run_job(job)),
                         )
+                    async def stop() -> None:
+                        if not state.stopped:
+                            state.stopped = True
+                            await _graceful_stop(scfg, runner, ems, intents_rx, enqueue)
+
+                    state.stop_fn = stop
                     try:
                         await trio.sleep_forever()
                     finally:
                         with trio.CancelScope(shield=True):
-                            await _graceful_stop(scfg, runner, ems, intents_rx, enqueue)
+                            await stop()
 
 
 async def _send_intents(ems: Any, intents: trio.MemoryReceiveChannel[Order | Cancel]) -> None:
@@ -239,6 +248,10 @@ async def _graceful_stop(scfg: StrategyCfg, runner: StrategyRunner, ems: Any,
             await _send_one(ems, intent)
     if cs.cancelled_caught:
         log.error('bot.stop_flush_timeout', secs=STOP_FLUSH_SECS)
+    # let emsd's answers to those cancels land, so the summary is final
+    with trio.move_on_after(STOP_FLUSH_SECS):
+        while runner.ctx.open_orders():
+            await trio.sleep(0.05)
     log.info('bot.stopped', summary=runner.summary().line())
 
 
@@ -257,6 +270,17 @@ def bot_init(strategy_cfg: dict[str, Any], bot_cfg: dict[str, Any], strategies_d
 
 
 # -- RPC ----------------------------------------------------------------------------
+
+async def stop_strategy() -> dict[str, Any]:
+    """Stop the strategy now (on_stop, then its stop policy; intents flushed to
+    emsd) and return its final summary; the actor itself stays up until
+    pikerd cancels it."""
+    if _state is None or _state.stop_fn is None:
+        raise RuntimeError('no running strategy in this actor')
+    with trio.CancelScope(shield=True):
+        await _state.stop_fn()
+    return await bot_summary()
+
 
 async def bot_summary() -> dict[str, Any]:
     if _state is None:

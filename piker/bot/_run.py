@@ -96,18 +96,48 @@ async def run_bot(
                             return critical
                     sd.ready(status=f'{cfg.mode} trading {", ".join(names)}')
                     log.info('bot.ready', strategies=names, mode=cfg.mode, backend=cfg.backend)
-                    nursery.start_soon(run_watchdog, sd, critical_now,
-                                       lambda: _status_line(cfg, names))
+                    watchdog = trio.CancelScope()
+
+                    async def watch() -> None:
+                        with watchdog:
+                            await run_watchdog(sd, critical_now,
+                                               lambda: _status_line(cfg, names))
+
+                    nursery.start_soon(watch)
                     with trio.move_on_after(duration_secs if duration_secs else math.inf):
                         await stop.wait()
+                    watchdog.cancel()
                 sd.stopping(status='stopping strategies')
-                summary = await collect_summary(cfg, names)
-                for name in names:
-                    with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True):
+                    finals = await _stop_strategies(names)
+                    for name in names:
                         await _stop_service(name, rt.is_pikerd)
-                final = await collect_summary(cfg, [], strategies=summary.strategies)
+                    final = await collect_summary(cfg, [], strategies=finals)
                 nursery.cancel_scope.cancel()
     return final
+
+
+async def _stop_strategies(names: list[str], timeout_secs: float = 15.0,
+                           ) -> list[dict[str, Any]]:
+    """Stop every strategy concurrently; each answers with its final summary."""
+    finals: dict[str, dict[str, Any]] = {}
+
+    async def stop_one(name: str) -> None:
+        with trio.move_on_after(timeout_secs):
+            try:
+                async with find_service(name) as portal:
+                    if portal is not None:
+                        finals[name] = await portal.run_from_ns(
+                            'piker.bot._actor', 'stop_strategy')
+            except trio.Cancelled:
+                raise
+            except Exception as err:
+                log.warning('bot.stop_failed', service=name, error=repr(err)[:500])
+
+    async with trio.open_nursery() as n:
+        for name in names:
+            n.start_soon(stop_one, name)
+    return [finals[n] for n in names if n in finals]
 
 
 async def _start_all(cfg: BotCfg, names: list[str], strategies_dir: Path, clock: str,

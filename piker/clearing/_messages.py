@@ -163,6 +163,8 @@ class BrokerdPosition(Msg, frozen=True, tag='brokerd_position'):
     fqme: str
     size: float
     avg_price: float
+    # realized P&L of this position in the account's currency, where known
+    realized_pnl: float = 0.0
     ts_ns: int = 0
 
 

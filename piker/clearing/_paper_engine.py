@@ -165,7 +165,8 @@ class PaperEngine:
         return [
             BrokerdPosition(
                 broker=self.broker, account=account, fqme=pos.fqme,
-                size=pos.size, avg_price=pos.avg_price, ts_ns=now,
+                size=pos.size, avg_price=pos.avg_price, realized_pnl=pos.realized_pnl,
+                ts_ns=now,
             )
             for pos in self._ledger_for(account).positions().values()
             if pos.size != 0
@@ -311,7 +312,8 @@ class PaperEngine:
             ),
             BrokerdPosition(
                 broker=self.broker, account=order.account, fqme=order.fqme,
-                size=pos.size, avg_price=pos.avg_price, ts_ns=ts_ns,
+                size=pos.size, avg_price=pos.avg_price, realized_pnl=pos.realized_pnl,
+                ts_ns=ts_ns,
             ),
         ]
 

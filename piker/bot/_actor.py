@@ -160,17 +160,19 @@ async def _setup_persistent_bot(
                             run_jobs, scfg.schedule.jobs,
                             lambda job: enqueue(runner.run_job(job)),
                         )
-                    async def stop() -> None:
+                    async def stop(wait_acks: bool = True) -> None:
                         if not state.stopped:
                             state.stopped = True
-                            await _graceful_stop(scfg, runner, ems, intents_rx, enqueue)
+                            await _graceful_stop(scfg, runner, ems, intents_rx, enqueue,
+                                                 wait_acks=wait_acks)
 
                     state.stop_fn = stop
                     try:
                         await trio.sleep_forever()
                     finally:
                         with trio.CancelScope(shield=True):
-                            await stop()
+                            # the status task is gone by now: nothing to wait for
+                            await stop(wait_acks=False)
 
 
 async def _send_intents(ems: Any, intents: trio.MemoryReceiveChannel[Order | Cancel]) -> None:
@@ -230,7 +232,7 @@ async def _on_statuses(ems: Any, state: BotState, enqueue: Any) -> None:
 
 async def _graceful_stop(scfg: StrategyCfg, runner: StrategyRunner, ems: Any,
                          intents_rx: trio.MemoryReceiveChannel[Order | Cancel],
-                         enqueue: Any) -> None:
+                         enqueue: Any, wait_acks: bool = True) -> None:
     """on_stop, then the configured stop policy; hand what is left to emsd."""
     enqueue(runner.stop())
     if scfg.on_stop in ('cancel', 'cancel_and_flatten'):
@@ -249,7 +251,7 @@ async def _graceful_stop(scfg: StrategyCfg, runner: StrategyRunner, ems: Any,
     if cs.cancelled_caught:
         log.error('bot.stop_flush_timeout', secs=STOP_FLUSH_SECS)
     # let emsd's answers to those cancels land, so the summary is final
-    with trio.move_on_after(STOP_FLUSH_SECS):
+    with trio.move_on_after(STOP_FLUSH_SECS if wait_acks else 0):
         while runner.ctx.open_orders():
             await trio.sleep(0.05)
     log.info('bot.stopped', summary=runner.summary().line())

@@ -315,15 +315,24 @@ class _RelayedRecords(logging.Filter):
         return not msg.startswith(_RELOGGED)
 
 
+class _SocketErrors(logging.Filter):
+    """The client logger's errors are all socket errors, which also reach
+    ``client.apiError``: :class:`IbClient` logs them from there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
 def quiet_ib_async_logs() -> None:
     """Keep ib_async's warnings and errors, minus the ones :class:`IbClient`
     re-logs as structured events; its per-message INFO chatter only at debug."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger('ib_async').setLevel(logging.WARNING)
-    for name in ('ib_async.client', 'ib_async.wrapper', 'ib_async.ib'):
+    for name, kind in (('ib_async.client', _SocketErrors), ('ib_async.client', _RelayedRecords),
+                       ('ib_async.wrapper', _RelayedRecords), ('ib_async.ib', _RelayedRecords)):
         lg = logging.getLogger(name)
-        if not any(isinstance(f, _RelayedRecords) for f in lg.filters):
-            lg.addFilter(_RelayedRecords())
+        if not any(isinstance(f, kind) for f in lg.filters):
+            lg.addFilter(kind())
 
 
 # -- the client -------------------------------------------------------------------------
@@ -342,6 +351,7 @@ class IbClient:
         self._closing = False
         self._info_logged: set[int] = set()
         self._tickers: dict[int, Any] = {}
+        self._socket_error = ''
         self.conn: ConnInfo | None = None
         quiet_ib_async_logs()
         ib = self._ib
@@ -352,6 +362,7 @@ class IbClient:
         ib.commissionReportEvent += self._on_commission
         ib.positionEvent += self._on_position
         ib.pendingTickersEvent += self._on_tickers
+        ib.client.apiError += self._on_api_error
 
     # -- connection ------------------------------------------------------------
 
@@ -564,12 +575,17 @@ class IbClient:
                 log.error('ib.error', req_id=req_id, code=code, text=text, kind=kind)
         self._emit(IbError(req_id=req_id, code=code, text=text, kind=kind))
 
+    def _on_api_error(self, text: str) -> None:
+        # connect() reports failed attempts itself; this names a live socket's end
+        self._socket_error = text
+
     def _on_disconnected(self) -> None:
         was_up, self._up = self._up, False
         self._tickers.clear()
+        why, self._socket_error = self._socket_error or 'closed by the peer', ''
         if was_up and not self._closing:
-            log.warning('ib.disconnected', role=self._role)
-            self._emit(LinkDown(reason='the socket to TWS/IB Gateway closed',
+            log.warning('ib.disconnected', role=self._role, error=why)
+            self._emit(LinkDown(reason=f'the socket to TWS/IB Gateway closed ({why})',
                                 socket_closed=True))
 
     def _on_order(self, trade: Trade) -> None:

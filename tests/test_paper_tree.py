@@ -108,6 +108,12 @@ async def test_paper_mode_runs_with_zero_brokerd_processes(reg_addr, state_dir):
                 assert 'paperboi.sim' not in service_names(rt)  # lazily, on first need
                 assert (await place(ems, FQME, 'buy', 0.1)).state == 'filled'
                 assert (await place(ems, 'ethusd.sim', 'buy', 1)).state == 'filled'
+                # a venue-less fqme resolves to its one listing
+                st = await place(ems, 'mnq.sim', 'buy', 1)
+                assert (st.state, st.fqme) == ('filled', 'mnq.cme.sim')
+                st = await place(ems, 'gld.sim', 'buy', 1)
+                assert st.state == 'rejected'
+                assert 'gld.arca.sim' in st.reason and 'gld.venture.sim' in st.reason
                 names = service_names(rt)
                 assert 'emsd' in names and 'paperboi.sim' in names
                 assert not [n for n in names if n.startswith('brokerd')]

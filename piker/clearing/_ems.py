@@ -22,7 +22,8 @@ from ..log import get_logger
 from ..service import DaemonSpec, daemon_lifetime, maybe_spawn_daemon
 from ..service._spec import TIER_ORDERS
 from ._dialog import STREAM_BUFFER
-from ._router import Router
+from ._messages import Status, now_ns
+from ._router import ClientLink, Router
 
 log = get_logger(__name__)
 
@@ -133,10 +134,24 @@ async def ems_dialog(ctx: tractor.Context, source: str = 'cli',
                 nursery.start_soon(link.pump, stream)
                 async for raw in stream:
                     for item in raw if isinstance(raw, list) else [raw]:
-                        await router.on_client_msg(link, item)
+                        await _serve_client_msg(router, link, item)
                 nursery.cancel_scope.cancel()
     finally:
         router.detach_client(link)
+
+
+async def _serve_client_msg(router: Router, link: ClientLink, item: Any) -> None:
+    """One client message; a failure is that message's error status, never
+    the end of the client's dialog."""
+    try:
+        await router.on_client_msg(link, item)
+    except Exception as err:
+        oid = item.get('oid') if isinstance(item, dict) else None
+        oid = oid if isinstance(oid, str) else ''
+        log.exception('ems.client_msg_failed', client=link.source, oid=oid)
+        link.push(Status(oid=oid, state='error', source=link.source, ts_ns=now_ns(),
+                         reason=f'emsd failed this request: {type(err).__name__}: {err}'),
+                  owned=True)
 
 
 # -- operator RPCs (each is audited in <state_dir>/audit.jsonl) ------------------

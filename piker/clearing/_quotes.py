@@ -91,7 +91,9 @@ class FeedError(RuntimeError):
 
 
 class _FeedState:
-    def __init__(self) -> None:
+    def __init__(self, fqme: str) -> None:
+        # the feed's canonical name for the market (``mnq.sim`` -> ``mnq.cme.sim``)
+        self.fqme = fqme
         self.ready = trio.Event()
         self.error: str | None = None
         self.market_info: Any = None
@@ -118,16 +120,21 @@ class QuoteFeeds:
     def subscribed(self) -> list[str]:
         return [f for f, s in self._feeds.items() if s.ready.is_set() and s.error is None]
 
+    def canonical(self, fqme: str) -> str:
+        state = self._feeds.get(fqme)
+        return state.fqme if state else fqme
+
     def market_info(self, fqme: str) -> Any:
         state = self._feeds.get(fqme)
         return state.market_info if state else None
 
-    async def ensure(self, fqme: str, timeout_secs: float = FEED_START_SECS) -> None:
-        """Subscribe to ``fqme`` (once) and return after its first quote was
-        delivered to ``on_batch``; raise :class:`FeedError` otherwise."""
+    async def ensure(self, fqme: str, timeout_secs: float = FEED_START_SECS) -> str:
+        """Subscribe to ``fqme`` (once) and return its canonical fqme after its
+        first quote was delivered to ``on_batch``; raise :class:`FeedError`
+        otherwise."""
         state = self._feeds.get(fqme)
         if state is None or (state.ready.is_set() and state.error is not None):
-            state = self._feeds[fqme] = _FeedState()
+            state = self._feeds[fqme] = _FeedState(fqme)
             self._nursery.start_soon(self._run_feed, fqme, state)
         with trio.move_on_after(timeout_secs):
             await state.ready.wait()
@@ -135,6 +142,14 @@ class QuoteFeeds:
             raise FeedError(f'no quote for {fqme} within {timeout_secs:g}s: is its feed running?')
         if state.error is not None:
             raise FeedError(state.error)
+        return state.fqme
+
+    def _deliver(self, quotes: list[QuoteTick]) -> None:
+        # a consumer bug must not cost every later quote of the market
+        try:
+            self._on_batch(quotes)
+        except Exception:
+            log.exception('quotes.consumer_failed', fqmes=[q.fqme for q in quotes])
 
     async def _run_feed(self, fqme: str, state: _FeedState) -> None:
         try:
@@ -143,15 +158,19 @@ class QuoteFeeds:
             # quotes only: no OHLC buffers or history for the order path
             async with open_feed([fqme], backend_cfg=self._cfgs.get(backend) or {},
                                  timeframes=[]) as feed:
-                state.market_info = _first_value(getattr(feed, 'market_info', None), fqme)
+                canonical = (getattr(feed, 'fqmes', None) or [fqme])[0]
+                if canonical != fqme:
+                    state.fqme = canonical
+                    self._feeds.setdefault(canonical, state)
+                state.market_info = _first_value(getattr(feed, 'market_info', None), canonical)
                 first = normalize_batch(getattr(feed, 'first_quotes', None) or {})
                 if first:
-                    self._on_batch(first)
+                    self._deliver(first)
                     state.ready.set()
                 async for batch in feed.stream:
                     quotes = normalize_batch(batch)
                     if quotes:
-                        self._on_batch(quotes)
+                        self._deliver(quotes)
                         state.ready.set()
         except trio.Cancelled:
             raise

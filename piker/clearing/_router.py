@@ -311,10 +311,12 @@ class Router:
         order, backend = resolved
         if not self.gate.halted:
             try:
-                await self.feeds.ensure(order.fqme)
+                canonical = await self.feeds.ensure(order.fqme)
             except FeedError as err:
                 self._reject(order, 'no_quote', str(err), owner)
                 return
+            if canonical != order.fqme:
+                order = msgspec.structs.replace(order, fqme=canonical)
         now = now_ns()
         rejection = self.gate.check(
             order, last_price=self.marks.get(order.fqme),
@@ -349,6 +351,7 @@ class Router:
                 problem = resolved
             else:
                 order = resolved[0]
+                order = msgspec.structs.replace(order, fqme=self.feeds.canonical(order.fqme))
                 changed = [f for f in ('fqme', 'action', 'account')
                            if getattr(order, f) != getattr(old, f)]
                 if changed:

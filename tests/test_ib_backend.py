@@ -4,6 +4,7 @@ gateway running in this process."""
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from piker.brokers.ib.symbols import (
     select,
     specs_for,
 )
+from piker.clearing import open_ems
 from piker.clearing._dialog import decode_events, open_broker_dialog
 from piker.clearing._messages import (
     BrokerdCancel,
@@ -504,3 +506,30 @@ async def test_two_ib_actors_have_distinct_client_ids_and_quotes_resume_after_dr
                             if trio.current_time() - mark > 0.3 and 'spy.arca.ib' in batch:
                                 break
                     assert gw.clients == [100, 116]
+
+
+_NO_BROKERD_SHELL = importlib.util.find_spec('piker.brokers._daemon') is None
+
+
+@pytest.mark.skipif(_NO_BROKERD_SHELL, reason=(
+    "emsd starts brokers through 'piker.brokers._daemon:brokerd_init' (BROKERD_INIT), "
+    'which does not exist yet; it must dispatch to piker.brokers.ib.broker:brokerd_init'))
+async def test_emsd_live_mode_orders_fill_and_reject_through_brokerd_ib(reg_addr, state_dir):
+    async with open_fake_gateway() as gw:
+        gw.set_fill_mode('reject', symbol='AAPL', reason='no trading permissions')
+        with trio.fail_after(90):
+            async with open_runtime('tester', reg_addr):
+                async with open_ems(mode='live', backend_cfgs={'ib': ib_cfg(gw)},
+                                    account='live', source='test', backends=['ib']) as ems:
+                    assert ems.position('spy.arca.ib') == 10.0
+                    assert await ems.warm(['gld.arca.ib']) == ['gld.arca.ib']
+                    oid = await ems.send(ems.order('gld.arca.ib', 'buy', 2))
+                    done = await ems.wait(oid, timeout_secs=20)
+                    assert (done.state, done.filled) == ('filled', 2.0)
+                    rej = await ems.send(ems.order('aapl.nasdaq.ib', 'buy', 1))
+                    bad = await ems.wait(rej, timeout_secs=20)
+                    assert bad.state == 'error' and bad.code == 201
+                    assert 'no trading permissions' in bad.reason
+                    assert gw.order(order_ref=oid) is not None  # the oid is IB's orderRef
+        fills = [ex for ex in gw.executions if ex.order_ref == oid]
+        assert [ledger_fill_ids(state_dir).count(ex.exec_id) for ex in fills] == [1]

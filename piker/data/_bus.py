@@ -194,6 +194,7 @@ class FeedBus:
         self.sampled = True
         self.origin_epoch = 0
         self.linked = trio.Event()
+        self.link_error: str | None = None
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._link_stream: tractor.MsgStream | None = None
         self._next_cid = 0
@@ -242,7 +243,13 @@ class FeedBus:
                         register_owner, name=self.name, periods=sorted(self.sampled_periods()),
                     ) as (ctx, info):
                         async with ctx.open_stream() as stream:
-                            self._on_linked(info)
+                            try:
+                                self._on_linked(info)
+                            except Exception as err:
+                                # e.g. a replay dir without files: every subscriber hears it
+                                self.link_error = f'{type(err).__name__}: {err}'
+                                raise
+                            self.link_error = None
                             self._link_stream = stream
                             self._registered_periods = self.sampled_periods()
                             self.linked.set()
@@ -297,7 +304,11 @@ class FeedBus:
 
     async def wait_linked(self) -> None:
         with trio.move_on_after(LINK_WAIT_SECS):
-            await self.linked.wait()
+            while not self.linked.is_set():
+                if self.link_error:
+                    raise FeedError(f'{self.name} cannot start its clock: {self.link_error}')
+                with trio.move_on_after(0.1):
+                    await self.linked.wait()
             return
         raise FeedError(f'{self.name}: no samplerd link after {LINK_WAIT_SECS} s; '
                         'is pikerd running and able to start samplerd?')

@@ -18,7 +18,7 @@ import msgspec
 from piker.brokers._protocol import BackendError
 from piker.cli import Ctx, common_options, emit_table, fail, load_ctx, main, run_trio
 from piker.config import ConfigError
-from piker.types import Fqme, FqmeError
+from piker.types import FqmeError
 
 from ._api import backend_of, open_feed
 from ._bus import FeedError
@@ -42,13 +42,13 @@ def _clock_text(ts_ns: int | None) -> str:
     return datetime.fromtimestamp(ts_ns / 1e9, UTC).strftime('%H:%M:%S.%f')[:-3]
 
 
-async def _run_quote(ctx: Ctx, fqmes: list[str], as_json: bool, count: int | None) -> str | None:
+async def _run_quote(ctx: Ctx, fqmes: list[str], backend_cfg: dict[str, Any], as_json: bool,
+                     count: int | None) -> str | None:
     from piker.service import open_runtime
     async with open_runtime('piker-quote', ctx.registry, loglevel='warning',
                             state_dir=str(ctx.state_dir())):
         try:
-            async with open_feed(fqmes, backend_cfg=_backend_cfg(ctx, fqmes),
-                                 timeframes=()) as feed:
+            async with open_feed(fqmes, backend_cfg=backend_cfg, timeframes=()) as feed:
                 assert feed.stream is not None
                 printed = 0
                 batch = feed.first_quotes
@@ -93,19 +93,23 @@ def quote(config_path: str | None, registry: str | None, state_dir: str | None,
           fqmes: tuple[str, ...], as_json: bool, count: int | None) -> None:
     """Stream live quotes of FQME... (one backend)."""
     ctx = load_ctx(config_path, registry, state_dir)
+    try:
+        backend_cfg = _backend_cfg(ctx, list(fqmes))
+    except (FqmeError, BackendError) as err:
+        fail(str(err))
     json_mode = as_json or not sys.stdout.isatty()
-    error = run_trio(_run_quote, ctx, list(fqmes), json_mode, count)
+    error = run_trio(_run_quote, ctx, list(fqmes), backend_cfg, json_mode, count)
     if error:
         fail(error)
 
 
-async def _run_history(ctx: Ctx, fqme: str, timeframe_secs: int, count: int,
-                       ) -> tuple[list[dict[str, Any]] | None, str | None]:
+async def _run_history(ctx: Ctx, fqme: str, backend_cfg: dict[str, Any], timeframe_secs: int,
+                       count: int) -> tuple[list[dict[str, Any]] | None, str | None]:
     from piker.service import open_runtime
     async with open_runtime('piker-history', ctx.registry, loglevel='warning',
                             state_dir=str(ctx.state_dir())):
         try:
-            async with open_feed([fqme], backend_cfg=_backend_cfg(ctx, [fqme]),
+            async with open_feed([fqme], backend_cfg=backend_cfg,
                                  timeframes=[timeframe_secs], start_stream=False,
                                  history_bars=count) as feed:
                 bars = feed.attach(feed.fqmes[0], timeframe_secs).array[-count:].copy()
@@ -128,10 +132,10 @@ def history(config_path: str | None, registry: str | None, state_dir: str | None
     ctx = load_ctx(config_path, registry, state_dir)
     try:
         tf = parse_timeframe(timeframe)
-        Fqme.parse(fqme)
-    except (PeriodError, FqmeError) as err:
+        backend_cfg = _backend_cfg(ctx, [fqme])
+    except (PeriodError, FqmeError, BackendError) as err:
         fail(str(err))
-    rows, error = run_trio(_run_history, ctx, fqme, tf, count)
+    rows, error = run_trio(_run_history, ctx, fqme, backend_cfg, tf, count)
     if error:
         fail(error)
     assert rows is not None

@@ -10,6 +10,8 @@ is:
   advanced; :meth:`DrivenClock.advance_to_ns` returns once every attached
   stream has published up to the new time and sleeps again, which is how
   datad guarantees a bar's ticks are in the buffer before its increment.
+  So a stream must always wait *on the clock*, even when it has nothing more
+  to publish (``sleep_until_ns(FOREVER_NS)``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from typing import Protocol
 import trio
 
 _NS = 1_000_000_000
+# a stream with nothing left to publish sleeps until this instant
+FOREVER_NS = 2**63 - 1
+_MAX_SLEEP_NS = 86_400 * _NS
 
 
 class FeedClock(Protocol):
@@ -45,7 +50,7 @@ class WallClock:
             if now >= t_ns:
                 await trio.lowlevel.checkpoint()
                 return now
-            await trio.sleep((t_ns - now) / _NS)
+            await trio.sleep(min(t_ns - now, _MAX_SLEEP_NS) / _NS)
 
 
 class ScaledClock:
@@ -72,7 +77,7 @@ class ScaledClock:
             if now >= t_ns:
                 await trio.lowlevel.checkpoint()
                 return now
-            await trio.sleep((t_ns - now) / self.speed / _NS)
+            await trio.sleep(min((t_ns - now) / self.speed, _MAX_SLEEP_NS) / _NS)
 
 
 class DrivenClock:

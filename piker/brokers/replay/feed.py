@@ -22,7 +22,7 @@ import numpy as np
 import trio
 
 from piker.config import ReplayCfg
-from piker.data._clocks import ScaledClock
+from piker.data._clocks import FOREVER_NS, ScaledClock
 from piker.data._shm import ohlc_dtype
 from piker.data._types import Tick
 from piker.log import get_logger
@@ -171,10 +171,15 @@ async def search(pattern: str, cfg: ReplayCfg) -> list[str]:
 
 def wall_clock(cfg: ReplayCfg) -> ScaledClock:
     """File time from the directory's earliest bar, at ``speed`` x real time."""
-    starts = [int(_bars(p, cfg)['time'][0]) for p in _listing(cfg).values()]
+    starts = []
+    for fqme, path in _listing(cfg).items():
+        try:
+            starts.append(int(_bars(path, cfg)['time'][0]))
+        except ReplayFileError as err:
+            log.warning('replay.file_unusable', fqme=fqme, error=str(err))
     if not starts:
         raise ReplayConfigError(
-            f'replay data_dir {cfg.data_dir!r} holds no <symbol>.csv files')
+            f'replay data_dir {cfg.data_dir!r} holds no usable <symbol>.csv files')
     return ScaledClock(min(starts) * _NS, cfg.speed)
 
 
@@ -208,4 +213,5 @@ async def stream_quotes(
         ])
         i = j
     log.info('replay.finished', fqme=key, ticks=len(ts))
-    await trio.sleep_forever()
+    # idle on the clock, not off it: a driven clock waits for its streams to sleep
+    await clock.sleep_until_ns(FOREVER_NS)

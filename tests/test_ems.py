@@ -319,7 +319,7 @@ async def test_operator_halt_cancel_all_and_flatten_are_audited(reg_addr, state_
 
 
 async def test_slow_client_loses_others_statuses_but_never_its_own():
-    from piker.clearing._router import SLOW_CLIENT_BACKLOG, ClientLink
+    from piker.clearing._links import SLOW_CLIENT_BACKLOG, ClientLink
     link = ClientLink(1, 'slow')
     mine = Status(oid='mine', state='pending')
     theirs = Status(oid='theirs', state='pending')

@@ -15,14 +15,12 @@ One :class:`Router` lives in the emsd process. It
 """
 from __future__ import annotations
 
-import math
 import uuid
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import tractor
 import trio
 
 from ..config import PaperCfg, RiskCfg
@@ -35,13 +33,12 @@ from ._audit import AUDIT_NAME, AuditLog
 from ._dark import DarkBook
 from ._dialog import (
     BROKERD_INIT,
-    MAX_BATCH,
     PAPERBOI_INIT,
-    DialogStart,
     decode_events,
     open_broker_dialog,
 )
 from ._lifecycle import InvalidTransition, OrderTrack
+from ._links import BrokerLink, ClientLink
 from ._messages import (
     BadMessage,
     BrokerdCancel,
@@ -69,75 +66,11 @@ from ._risk import RiskGate
 log = get_logger(__name__)
 
 ClientRequest = Order | Cancel | Warm
-# a client this far behind stops getting other clients' statuses
-SLOW_CLIENT_BACKLOG = 1_000
-# ... and this far behind on its own is disconnected
-MAX_CLIENT_BACKLOG = 100_000
 # terminal orders remembered (oids are unique forever; this bounds memory)
 MAX_FINISHED = 50_000
 WARM_TIMEOUT_SECS = 30.0
 REDIAL_DELAY_SECS = 1.0
 _SIZE_EPS = 1e-9
-
-
-class ClientLink:
-    """One connected client: an unbounded outbox drained by its sender task."""
-
-    def __init__(self, cid: int, source: str) -> None:
-        self.cid = cid
-        self.source = source
-        self._tx, self._rx = trio.open_memory_channel[Any](math.inf)
-        self.dropped = 0
-        self.scope: trio.CancelScope | None = None
-
-    def backlog(self) -> int:
-        return self._tx.statistics().current_buffer_used
-
-    def push(self, msg: Any, owned: bool) -> None:
-        backlog = self.backlog()
-        if not owned and backlog >= SLOW_CLIENT_BACKLOG:
-            if self.dropped == 0:
-                log.warning('ems.client_slow', client=self.source, backlog=backlog)
-            self.dropped += 1
-            return
-        if backlog >= MAX_CLIENT_BACKLOG:
-            log.error('ems.client_dropped', client=self.source, backlog=backlog,
-                      reason='it stopped reading its status stream')
-            if self.scope is not None:
-                self.scope.cancel()
-            return
-        try:
-            self._tx.send_nowait(msg)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-
-    async def pump(self, stream: tractor.MsgStream) -> None:
-        async for first in self._rx:
-            batch = [to_wire(first)]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(to_wire(self._rx.receive_nowait()))
-                except trio.WouldBlock:
-                    break
-            await stream.send(batch)
-
-    def close(self) -> None:
-        self._tx.close()
-
-
-class BrokerLink:
-    """An open broker dialog."""
-
-    def __init__(self, backend: str, name: str, start: DialogStart,
-                 stream: tractor.MsgStream) -> None:
-        self.backend = backend
-        self.name = name
-        self.start = start
-        self.stream = stream
-        self.alive = True
-
-    async def send(self, msg: msgspec.Struct) -> None:
-        await self.stream.send(to_wire(msg))
 
 
 class RouteError(RuntimeError):
@@ -300,6 +233,13 @@ class Router:
 
     async def submit(self, order: Order, owner: int | None) -> None:
         """A new order or a modify (same ``oid``), through the risk gate."""
+        if not order.oid:
+            client = self.clients.get(owner) if owner is not None else None
+            if client is not None:
+                client.push(Status(oid='', state='rejected', ts_ns=now_ns(), reason=(
+                    'order without an `oid`: every order needs a client id, unique '
+                    'forever (see piker.clearing.new_oid)')), owned=True)
+            return
         track = self.tracks.get(order.oid)
         if track is not None:
             await self._modify(track, order, owner)

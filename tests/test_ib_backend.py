@@ -356,6 +356,56 @@ async def test_brokerd_cancel_and_reject_with_ib_code(reg_addr, state_dir):
                 assert not d.of(BrokerdFill)
 
 
+async def test_brokerd_modify_resting_order_and_unknown_account(reg_addr, state_dir):
+    async with open_fake_gateway() as gw:
+        gw.set_fill_mode('rest', symbol='SPY')
+        with trio.fail_after(40):
+            async with ib_tree(reg_addr, gw) as portal, dialog(portal) as d:
+                await d.send(order('mod-1', 'spy.arca.ib', 2, price=500.0))
+                [ack] = await d.wait_for(BrokerdOrderAck, 'mod-1')
+                # re-sending a working oid modifies it in place at IB
+                await d.send(order('mod-1', 'spy.arca.ib', 3, price=501.0))
+                acks = await d.wait_for(BrokerdOrderAck, 'mod-1', n=2)
+                assert acks[1].reqid == ack.reqid
+                with trio.fail_after(5):
+                    while gw.order(order_ref='mod-1').lmt_price != 501.0:  # type: ignore[union-attr]
+                        await trio.sleep(0.02)
+                assert gw.order(order_ref='mod-1').qty == 3.0  # type: ignore[union-attr]
+
+                await d.send(BrokerdOrder(oid='acct-1', account='paper', fqme='spy.arca.ib',
+                                          action='buy', size=1))
+                [err] = await d.wait_for(BrokerdError, 'acct-1')
+                assert "unknown IB account 'paper'" in err.reason
+                assert '[brokers.ib.accounts]' in err.reason
+
+
+async def test_brokerd_starts_without_gateway_and_connects_when_it_appears(
+    reg_addr, state_dir,
+):
+    from tests.conftest import free_port
+    port = free_port()
+    with trio.fail_after(40):
+        async with open_runtime('tester', reg_addr):
+            cfg = {'ports': [port], 'connect_timeout_secs': 1.0,
+                   'reconnect_max_backoff_secs': 0.5, 'accounts': {'live': ACCOUNT}}
+            async with maybe_spawn_daemon(BROKERD, backend='ib', backend_cfg=cfg) as portal:
+                status = await link_status(portal)
+                assert status['state'] == 'down' and 'ConnectionRefusedError' in status['reason']
+                async with dialog(portal) as d:
+                    assert d.start.positions == []
+                    await d.send(order('early', 'spy.arca.ib', 1))
+                    [err] = await d.wait_for(BrokerdError, 'early')
+                    assert 'not connected to IB' in err.reason
+                    async with open_fake_gateway(port=port) as gw:
+                        await wait_status(portal, lambda s: s['state'] == 'up' and s['synced'])
+                        # positions appear once IB is there
+                        await d.wait_until(lambda: any(
+                            p.fqme == 'spy.arca.ib' and p.size == 10 for p in d.of(BrokerdPosition)))
+                        await d.send(order('late', 'spy.arca.ib', 1))
+                        await d.wait_for(BrokerdFill, 'late')
+                        assert gw.clients == [100]
+
+
 async def test_brokerd_partial_fills_each_reported_and_ledgered(reg_addr, state_dir):
     scenario = msgspec.structs.replace(demo_scenario(), partial_chunks=3)
     async with open_fake_gateway(scenario) as gw:

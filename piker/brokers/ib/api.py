@@ -197,6 +197,15 @@ class ClientIdInUse(ConnectionError):
     """TWS refused the client id (error 326)."""
 
 
+class IbRequestError(ValueError):
+    """IB answered a request with an error (``code`` and ``text`` are IB's)."""
+
+    def __init__(self, what: str, code: int, text: str) -> None:
+        super().__init__(f'IB refused {what}: error {code}: {text}')
+        self.code = code
+        self.text = text
+
+
 # -- conversions (pure) ----------------------------------------------------------------
 
 def _num(x: Any, default: float = 0.0) -> float:
@@ -461,7 +470,7 @@ class IbClient:
         except RequestError as err:
             if err.code == 200:  # no security definition
                 return []
-            raise
+            raise IbRequestError('the contract details request', err.code, err.message) from None
         return [info_from_details(d) for d in details]
 
     async def search(self, pattern: str) -> list[dict[str, str]]:
@@ -480,11 +489,14 @@ class IbClient:
     async def history(self, info: ContractInfo, end: dt.datetime | None, duration: str,
                       bar_size: str, what_to_show: str = 'TRADES', use_rth: bool = False,
                       ) -> list[tuple[float, float, float, float, float, float]]:
-        bars = await self._ib.reqHistoricalDataAsync(
-            to_contract(info), endDateTime=end or '', durationStr=duration,
-            barSizeSetting=bar_size, whatToShow=what_to_show, useRTH=use_rth,
-            formatDate=2, timeout=HISTORY_TIMEOUT_SECS,
-        )
+        try:
+            bars = await self._ib.reqHistoricalDataAsync(
+                to_contract(info), endDateTime=end or '', durationStr=duration,
+                barSizeSetting=bar_size, whatToShow=what_to_show, useRTH=use_rth,
+                formatDate=2, timeout=HISTORY_TIMEOUT_SECS,
+            )
+        except RequestError as err:
+            raise IbRequestError(f'the history of {info.fqme}', err.code, err.message) from None
         return [bar_row(b) for b in bars]
 
     def subscribe_quotes(self, info: ContractInfo) -> None:
@@ -588,17 +600,32 @@ class IbClient:
             self._emit(LinkDown(reason=f'the socket to TWS/IB Gateway closed ({why})',
                                 socket_closed=True))
 
+    # eventkit swallows what a handler raises: each one logs its own failure
+
     def _on_order(self, trade: Trade) -> None:
-        self._emit(order_report(trade))
+        try:
+            self._emit(order_report(trade))
+        except Exception:
+            log.exception('ib.callback_failed', callback='order', trade=repr(trade))
 
     def _on_commission(self, _trade: Trade, fill: Any, _report: Any) -> None:
-        self._emit(exec_report(fill))
+        try:
+            self._emit(exec_report(fill))
+        except Exception:
+            log.exception('ib.callback_failed', callback='commission', fill=repr(fill))
 
     def _on_position(self, pos: Any) -> None:
-        self._emit(position_report(pos))
+        try:
+            self._emit(position_report(pos))
+        except Exception:
+            log.exception('ib.callback_failed', callback='position', position=repr(pos))
 
     def _on_tickers(self, tickers: Any) -> None:
         now = time.time_ns()
-        quotes = [quote_of(t, now) for t in tickers if t.contract is not None]
+        try:
+            quotes = [quote_of(t, now) for t in tickers if t.contract is not None]
+        except Exception:
+            log.exception('ib.callback_failed', callback='tickers')
+            return
         if quotes:
             self._emit(QuoteBatch(quotes=quotes))

@@ -91,7 +91,7 @@ class IbBrokerSession:
     # -- BrokerSession ------------------------------------------------------------
 
     async def snapshot(self, accounts: list[str]) -> Snapshot:
-        with trio.move_on_after(SYNC_WAIT_SECS):
+        with trio.move_on_after(min(SYNC_WAIT_SECS, self.cfg.connect_timeout_secs)):
             await self.synced.wait()
         if not self.synced.is_set():
             log.warning('brokerd.ib.unsynced_dialog', state=self.link.state,
@@ -252,7 +252,11 @@ class IbBrokerSession:
                 await self._on_exec(event)
             case PositionReport():
                 if self.synced.is_set():
-                    await self._on_position(event, emit=True)
+                    try:
+                        await self._on_position(event, emit=True)
+                    except (ValueError, ConnectionError) as err:
+                        log.error('brokerd.ib.unresolved_position', con_id=event.con_id,
+                                  error=str(err))
             case IbError():
                 client_id = self.link.conn.client_id if self.link.conn else -1
                 for msg in self.book.on_error(event, client_id):
@@ -295,13 +299,16 @@ class IbBrokerSession:
                             'with the connection; check TWS and send it again if needed')
         live: set[tuple[str, str]] = set()
         for pos in state.positions:
-            live.add(await self._on_position(pos, emit=reconnect))
+            try:
+                live.add(await self._on_position(pos, emit=True))
+            except (ValueError, ConnectionError) as err:
+                log.error('brokerd.ib.unresolved_position', con_id=pos.con_id,
+                          account=pos.account, size=pos.size, error=str(err))
         for key, old in list(self._positions.items()):
             if key not in live and old.size:
                 flat = msgspec.structs.replace(old, size=0.0, ts_ns=now_ns())
                 self._positions[key] = flat
-                if reconnect:
-                    self.hub.emit(flat)
+                self.hub.emit(flat)
         self.syncs += 1
         self.synced.set()
         log.info('brokerd.ib.synced', reconnect=reconnect, orders=len(state.orders),

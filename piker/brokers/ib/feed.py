@@ -23,11 +23,12 @@ import numpy as np
 import trio
 
 from ...config import IbCfg
+from ...data import FeedError
 from ...data._shm import ohlc_dtype
 from ...data._types import Tick
 from ...log import get_logger
 from ._link import IbLink, LinkUp, open_ib_link
-from .api import IbError, IbQuote, LinkRestored, QuoteBatch
+from .api import IbError, IbQuote, IbRequestError, LinkRestored, QuoteBatch
 from .symbols import ContractCache, ContractInfo, ContractSpec, resolve_fqme_contract
 
 log = get_logger(__name__)
@@ -107,7 +108,8 @@ class FeedClient:
 
     async def contract(self, fqme: str) -> ContractInfo:
         if self.cache.get(fqme) is None and not self.link.is_up:
-            await self.link.wait_up(self.link.cfg.connect_timeout_secs)
+            if not await self.link.wait_up(self.link.cfg.connect_timeout_secs):
+                raise FeedError(f'cannot resolve {fqme!r}: {self.link.describe_down()}')
         return await resolve_fqme_contract(self.cache, fqme, self._details)
 
     @asynccontextmanager
@@ -242,11 +244,14 @@ async def history(fqme: str, cfg: Any, *, timeframe_secs: int, end_epoch: int,
     bar_size = bar_size_for(timeframe_secs)
     # one bar more: IB's last bar may be the one still open at `end_epoch`
     span_secs = (count + 1) * timeframe_secs
-    rows = await client.link.call(
-        'history', info, dt.datetime.fromtimestamp(end_epoch + timeframe_secs, dt.UTC),
-        duration_for(span_secs), bar_size,
-        what_to_show='MIDPOINT' if info.sec_type == 'CASH' else 'TRADES',
-    )
+    try:
+        rows = await client.link.call(
+            'history', info, dt.datetime.fromtimestamp(end_epoch + timeframe_secs, dt.UTC),
+            duration_for(span_secs), bar_size,
+            what_to_show='MIDPOINT' if info.sec_type == 'CASH' else 'TRADES',
+        )
+    except (IbRequestError, ConnectionError) as err:
+        raise FeedError(f'no {bar_size} history for {info.fqme}: {err}') from None
     return bars_array(rows, end_epoch, count)
 
 

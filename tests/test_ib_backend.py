@@ -42,7 +42,7 @@ from piker.clearing._messages import (
     BrokerdWarmed,
     to_wire,
 )
-from piker.data import open_feed
+from piker.data import open_feed, search
 from piker.service import maybe_spawn_daemon, open_runtime
 from piker.types import FqmeError
 from tests.fake_tws import FakeGateway, demo_scenario, open_fake_gateway
@@ -528,6 +528,8 @@ async def test_datad_market_info_history_quotes_and_ambiguous_error(reg_addr, st
                 with pytest.raises(FqmeError, match="use 'gld.arca.ib' or 'gld.venture.ib'"):
                     async with open_feed(['gld.ib'], backend_cfg=cfg):
                         pass
+                found = await search('ib', 'gl', backend_cfg=cfg)
+                assert {'gld.arca.ib', 'gld.venture.ib'} <= set(found)
 
 
 async def test_two_ib_actors_have_distinct_client_ids_and_quotes_resume_after_drop(

@@ -29,6 +29,7 @@ import itertools
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -95,6 +96,10 @@ async def serve_call(target: Any, call: Call, replies: trio.MemorySendChannel[An
     _ship(replies, Reply(mid=call.mid, value=result))
 
 
+def _forget(tasks: dict[int, Any], mid: int, _task: Any) -> None:
+    tasks.pop(mid, None)
+
+
 def _ship(replies: trio.MemorySendChannel[Any], msg: Any) -> None:
     try:
         replies.send_nowait(msg)
@@ -120,7 +125,7 @@ async def relay(
                 case Call(mid=mid):
                     task = asyncio.create_task(serve_call(target, msg, replies))
                     tasks[mid] = task
-                    task.add_done_callback(lambda _t, mid=mid: tasks.pop(mid, None))
+                    task.add_done_callback(partial(_forget, tasks, mid))
                 case Abandon(mid=mid):
                     abandoned = tasks.pop(mid, None)
                     if abandoned is not None:

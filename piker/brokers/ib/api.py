@@ -227,7 +227,7 @@ def to_ns(when: dt.datetime | dt.date | None) -> int:
 
 
 def info_from_details(details: Any) -> ContractInfo:
-    c = details.contract
+    c: Contract = details.contract
     venue = listing_venue(c.exchange, c.primaryExchange)
     return ContractInfo(
         fqme=fqme_for(c.symbol, c.secType, venue, c.currency),
@@ -478,6 +478,8 @@ class IbClient:
         out = []
         for desc in found:
             c = desc.contract
+            if c is None:
+                continue
             venue = listing_venue(c.exchange, c.primaryExchange)
             out.append({
                 'fqme': fqme_for(c.symbol, c.secType, venue, c.currency),

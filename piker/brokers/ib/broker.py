@@ -220,8 +220,7 @@ class IbBrokerSession:
 
     # -- IB events ------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                  ) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Apply everything the link reports, in order, for the actor's life."""
         task_status.started()
         async for event in self.link.events:
@@ -230,7 +229,7 @@ class IbBrokerSession:
             except trio.Cancelled:
                 raise
             except Exception:
-                log.exception('brokerd.ib.event_failed', event=type(event).__name__)
+                log.exception('brokerd.ib.event_failed', msg_type=type(event).__name__)
 
     async def _on_event(self, event: Any) -> None:
         match event:

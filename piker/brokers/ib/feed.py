@@ -81,13 +81,11 @@ def _price(x: float) -> float | None:
 
 def ticks_of(quote: IbQuote, fqme: str) -> list[Tick]:
     """One tick per trade in ``quote`` (each with the book), or one book tick."""
-    book = dict(
-        fqme=fqme, ts_ns=quote.ts_ns, bid=_price(quote.bid), ask=_price(quote.ask),
-        bid_size=quote.bid_size or None, ask_size=quote.ask_size or None,
-    )
-    if quote.trades:
-        return [Tick(**book, last=price, last_size=size) for price, size in quote.trades]
-    return [Tick(**book)]
+    bid, ask = _price(quote.bid), _price(quote.ask)
+    bid_size, ask_size = quote.bid_size or None, quote.ask_size or None
+    trades: list[tuple[float | None, float | None]] = list(quote.trades) or [(None, None)]
+    return [Tick(fqme=fqme, ts_ns=quote.ts_ns, bid=bid, ask=ask, bid_size=bid_size,
+                 ask_size=ask_size, last=price, last_size=size) for price, size in trades]
 
 
 def tick_dict(t: Tick) -> dict[str, Any]:
@@ -147,8 +145,7 @@ class FeedClient:
                 except trio.BrokenResourceError:
                     pass
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                  ) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for event in self.link.events:
             try:
@@ -165,7 +162,7 @@ class FeedClient:
             except trio.Cancelled:
                 raise
             except Exception:
-                log.exception('datad.ib.event_failed', event=type(event).__name__)
+                log.exception('datad.ib.event_failed', msg_type=type(event).__name__)
 
 
 _client: FeedClient | None = None

@@ -13,7 +13,7 @@ import tractor
 import trio
 
 from piker.brokers import BackendError, backend_endpoints, get_backend
-from piker.brokers.sim import get_market
+from piker.brokers.sim import get_market, quotes_between
 from piker.brokers.sim import history as sim_history
 from piker.data import (
     advance_clock,
@@ -23,6 +23,9 @@ from piker.data import (
     open_feed,
     open_sample_stream,
 )
+from piker.data._bus import MAX_PENDING_ROWS, Consumer, MarketFeed
+from piker.data._types import Tick
+from piker.data._wire import decode_batch, join_rows
 from piker.service import get_services, open_runtime
 from piker.types import FqmeError
 from tests.conftest import pid_alive, spawn_piker
@@ -116,6 +119,23 @@ async def test_ambiguous_or_unknown_fqme_errors_name_the_choices(reg_addr, state
 
 # -- consumers ---------------------------------------------------------------------
 
+async def test_a_consumer_that_cannot_drain_is_conflated_to_the_latest_quote_per_market():
+    feeds = {f: MarketFeed(f, {}, 0) for f in ('a.sim', 'b.sim')}
+    fast, stuck = Consumer(1, list(feeds)), Consumer(2, list(feeds))
+    for feed in feeds.values():
+        feed.consumers |= {fast, stuck}
+    n = MAX_PENDING_ROWS // 2 + 1
+    for k in range(n):
+        for feed in feeds.values():
+            feed.publish([Tick(fqme=feed.fqme, ts_ns=k, bid=1.0, ask=2.0, bid_size=1.0,
+                               ask_size=1.0, last=1.5, last_size=1.0)])
+        assert len(fast.take(feeds)) == 2  # keeps up: gets every quote
+    rows = decode_batch(join_rows(stuck.take(feeds)))
+    assert sorted((q['fqme'], q['ts_ns'], q['volume']) for q in rows) == [
+        ('a.sim', n - 1, float(n)), ('b.sim', n - 1, float(n))]
+    assert stuck.conflated == 1 and not stuck.take(feeds)
+
+
 async def consume(fqmes: list[str], block_secs: float = 0.0) -> None:
     """A consumer actor's main task; ``block_secs`` stalls the whole actor per batch."""
     async with open_feed(fqmes, backend_cfg=SIM_CFG, timeframes=[60]) as feed:
@@ -128,6 +148,7 @@ async def test_consumers_share_one_upstream_and_slow_or_killed_ones_do_not_stall
     reg_addr, state_dir,
 ):
     fqme = 'ethusd.sim'
+    market = get_market(fqme, seed=SIM_CFG['seed'])
     with trio.fail_after(90):
         async with open_runtime('tester', reg_addr):
             async with maybe_spawn_samplerd(clock='driven', start_epoch=START):
@@ -150,8 +171,11 @@ async def test_consumers_share_one_upstream_and_slow_or_killed_ones_do_not_stall
                     await advance_clock(START + k)
                     with trio.fail_after(2):
                         batch = await feed.stream.receive()
-                    # the quote at the new instant is already here: not conflated, not late
-                    assert batch[fqme]['ts_ns'] == (START + k) * NS
+                    # every quote of the second is here when the advance returns
+                    ticks = quotes_between(market, (START + k - 1) * NS + 1, (START + k) * NS + 1,
+                                           SIM_CFG['quote_rate_hz'])
+                    assert [q['ts_ns'] for q in batch] == [t.ts_ns for t in ticks]
+                    assert batch[-1]['ts_ns'] == (START + k) * NS
                 elapsed = time.monotonic() - t0
                 # the slow actor (1 s per batch) would need 20 s had it held anyone up
                 assert elapsed < 8, elapsed

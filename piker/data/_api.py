@@ -29,12 +29,15 @@ from ._sampler import SamplerError, maybe_spawn_samplerd, subscribe_increments
 from ._shm import ShmArray, ShmToken
 from ._timing import PeriodError, check_period
 from ._types import Increment
+from ._wire import decode_batch
 
 log = get_logger(__name__)
 
 OPEN_TIMEOUT_SECS = 60.0
 # increments kept for a caller that does not keep up (oldest dropped first)
 MAX_PENDING_INCREMENTS = 10_000
+# quotes kept for a caller that does not keep up before conflating to the latest
+MAX_PENDING_QUOTES = 50_000
 
 _ERRORS: dict[str, type[Exception]] = {
     'FqmeError': FqmeError,
@@ -63,43 +66,60 @@ def backend_of(fqmes: Sequence[str]) -> str:
 
 
 class QuoteStream:
-    """Async iterator of quote batches ``{fqme: quote}``, latest per market."""
+    """Async iterator of quote batches: lists of quote dicts in time order.
+
+    A caller that keeps up sees every quote; one that falls behind by more than
+    ``MAX_PENDING_QUOTES`` gets the latest quote per market instead.
+    """
 
     def __init__(self) -> None:
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending: list[dict[str, Any]] = []
         self._ready = trio.Event()
         self._ended = False
         self.received_batches = 0
+        self.received_quotes = 0
+        self.conflated = 0
 
     async def _pump(self, stream: tractor.MsgStream, *,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            async for batch in stream:
+            async for payload in stream:
+                quotes = decode_batch(payload)
                 self.received_batches += 1
-                self._pending.update(batch)
+                self.received_quotes += len(quotes)
+                pending = self._pending
+                pending.extend(quotes)
+                if len(pending) > MAX_PENDING_QUOTES:
+                    self._pending = list({q['fqme']: q for q in pending}.values())
+                    self.conflated += 1
                 self._ready.set()
         finally:
             self._ended = True
             self._ready.set()
 
-    async def receive(self) -> dict[str, dict[str, Any]]:
+    async def receive(self) -> list[dict[str, Any]]:
         while not self._pending:
             if self._ended:
                 raise trio.EndOfChannel('the datad feed stream ended')
             await self._ready.wait()
             self._ready = trio.Event()
-        batch, self._pending = self._pending, {}
+        batch, self._pending = self._pending, []
         return batch
 
     def __aiter__(self) -> QuoteStream:
         return self
 
-    async def __anext__(self) -> dict[str, dict[str, Any]]:
+    async def __anext__(self) -> list[dict[str, Any]]:
         try:
             return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+
+
+def latest_by_fqme(batch: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last quote of each market in a batch."""
+    return {q['fqme']: q for q in batch}
 
 
 class Feed:
@@ -287,5 +307,5 @@ async def clock_info() -> dict[str, Any]:
         return await portal.run_from_ns('piker.data._sampler', 'clock_info')
 
 
-__all__ = ['Feed', 'QuoteStream', 'IncrementStream', 'open_feed', 'open_sample_stream',
+__all__ = ['Feed', 'QuoteStream', 'latest_by_fqme', 'IncrementStream', 'open_feed', 'open_sample_stream',
            'advance_clock', 'clock_info', 'search', 'backend_of', 'SamplerError']

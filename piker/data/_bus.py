@@ -2,12 +2,11 @@
 
 Per market one :class:`MarketFeed`: one upstream backend stream however many
 consumers, the OHLC buffers it writes (one :class:`BarWriter` per timeframe),
-and the latest quote. Per consumer one :class:`Consumer`: the set of markets
-that changed since its last batch and a sender task. Publishing is
-synchronous and never waits on a consumer; a sender builds each batch from
-the latest state when it gets to send, so a slow consumer is conflated to the
-latest quote per market and a stuck one is dropped after
-``CONSUMER_SEND_SECS``.
+and the latest quote. Per consumer one :class:`Consumer`: the quote rows
+queued since its last batch and a sender task. Publishing is synchronous and
+never waits on a consumer: a consumer that keeps up gets every quote in
+batches; one that cannot drain is conflated to the latest quote per market,
+and one stuck for ``CONSUMER_SEND_SECS`` is dropped.
 """
 from __future__ import annotations
 
@@ -29,12 +28,15 @@ from ._clocks import DrivenClock, FeedClock, WallClock
 from ._sampler import maybe_spawn_samplerd, register_owner
 from ._shm import ShmArray
 from ._timing import capacity_rows, floor_to, origin_for, row_position
+from ._wire import QUOTE_FIELDS, encode_row, join_rows
 
 log = get_logger(__name__)
 
 _NS = 1_000_000_000
 DEFAULT_HISTORY_BARS = 1000
 CONSUMER_SEND_SECS = 10.0
+# quote rows held for a consumer before it is conflated to the latest per market
+MAX_PENDING_ROWS = 50_000
 # trades kept to fill a timeframe buffer added while the market streams
 RECENT_TRADES_NS = 120 * _NS
 LINK_RETRY_SECS = 1.0
@@ -64,23 +66,48 @@ class _StartedOnce:
 
 
 class Consumer:
-    """One subscriber's pending markets and delivery counters."""
+    """One subscriber: the quote rows pending for it and delivery counters.
+
+    A consumer that keeps up gets every quote; once ``MAX_PENDING_ROWS`` pile
+    up (it cannot drain) the pending rows are dropped and its next batch holds
+    the latest quote of each market that changed: conflation.
+    """
 
     def __init__(self, cid: int, fqmes: list[str]) -> None:
         self.cid = cid
         self.fqmes = fqmes
+        self.rows: list[bytes] = []
         self.dirty: set[str] = set()
+        self.overflow = False
         self.wake = trio.Event()
         self.flushed = trio.Event()
         self.flushed.set()
         self.batches = 0
         self.quotes = 0
+        self.conflated = 0
 
-    def mark(self, fqme: str) -> None:
+    def push(self, fqme: str, rows: list[bytes]) -> None:
         self.dirty.add(fqme)
+        if not self.overflow:
+            self.rows.extend(rows)
+            if len(self.rows) > MAX_PENDING_ROWS:
+                self.overflow = True
+                self.rows = []
         self.wake.set()
         if self.flushed.is_set():
             self.flushed = trio.Event()
+
+    def take(self, feeds: dict[str, MarketFeed]) -> list[bytes]:
+        """The rows of the next batch (latest per market after an overflow)."""
+        if self.overflow:
+            rows = [encode_row(feeds[f].snapshot_row()) for f in self.dirty if f in feeds]
+            self.conflated += 1
+        else:
+            rows = self.rows
+        self.rows = []
+        self.dirty = set()
+        self.overflow = False
+        return rows
 
 
 class MarketFeed:
@@ -104,7 +131,6 @@ class MarketFeed:
         self.last_ts_ns: int | None = None
         self.volume = 0.0
         self.recent: deque[tuple[int, float, float]] = deque()
-        self._snap: dict[str, Any] | None = None
 
     def seed(self, quote: dict[str, Any] | None) -> None:
         """The state before the first live tick: the backend's latest quote and
@@ -119,14 +145,17 @@ class MarketFeed:
                 if not math.isnan(close):
                     self.last = close
                     break
-        self._snap = None
 
     def publish(self, ticks: Sequence[Any]) -> None:
-        """Fold ticks (time ordered) into buffers and state; wake consumers."""
+        """Fold ticks (time ordered) into buffers and state; queue a quote row
+        per tick for every consumer."""
         writers = tuple(self.writers.values())
         recent = self.recent
+        consumers = self.consumers
+        fqme = self.fqme
+        rows: list[bytes] = []
         for t in ticks:
-            self.ts_ns = t.ts_ns
+            ts_ns = self.ts_ns = t.ts_ns
             if t.bid is not None:
                 self.bid = t.bid
                 self.bid_size = t.bid_size
@@ -138,33 +167,30 @@ class MarketFeed:
                 size = t.last_size or 0.0
                 self.last = price
                 self.last_size = size
-                self.last_ts_ns = t.ts_ns
+                self.last_ts_ns = ts_ns
                 self.volume += size
                 for writer in writers:
-                    writer.apply_trade(t.ts_ns, price, size)
-                recent.append((t.ts_ns, price, size))
+                    writer.apply_trade(ts_ns, price, size)
+                recent.append((ts_ns, price, size))
+            if consumers:
+                rows.append(encode_row((
+                    fqme, ts_ns, self.bid, self.ask, self.bid_size, self.ask_size,
+                    self.last, self.last_size, self.last_ts_ns, self.volume)))
         if recent:
             horizon = self.ts_ns - RECENT_TRADES_NS
             while recent and recent[0][0] < horizon:
                 recent.popleft()
         self.ticks += len(ticks)
-        self._snap = None
-        fqme = self.fqme
-        for consumer in self.consumers:
-            consumer.mark(fqme)
+        for consumer in consumers:
+            consumer.push(fqme, rows)
+
+    def snapshot_row(self) -> tuple[Any, ...]:
+        return (self.fqme, self.ts_ns, self.bid, self.ask, self.bid_size, self.ask_size,
+                self.last, self.last_size, self.last_ts_ns, self.volume)
 
     def snapshot(self) -> dict[str, Any]:
-        """The latest quote as a wire dict (shared by every consumer's batch)."""
-        snap = self._snap
-        if snap is None:
-            snap = self._snap = {
-                'fqme': self.fqme, 'ts_ns': self.ts_ns,
-                'bid': self.bid, 'ask': self.ask,
-                'bid_size': self.bid_size, 'ask_size': self.ask_size,
-                'last': self.last, 'last_size': self.last_size,
-                'last_ts_ns': self.last_ts_ns, 'volume': self.volume,
-            }
-        return snap
+        """The latest quote as a dict (``QUOTE_FIELDS`` keys)."""
+        return dict(zip(QUOTE_FIELDS, self.snapshot_row(), strict=True))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -431,24 +457,23 @@ class FeedBus:
         consumer.flushed.set()
 
     async def run_sender(self, consumer: Consumer, stream: tractor.MsgStream) -> None:
-        """Send the latest quote of every changed market; return when the peer fails."""
+        """Send the consumer's pending quotes as one batch at a time; return
+        when the peer fails or stops draining."""
         feeds = self.feeds
         while True:
             await consumer.wake.wait()
             consumer.wake = trio.Event()
-            dirty = consumer.dirty
-            if dirty:
-                consumer.dirty = set()
-                batch = {fqme: feeds[fqme].snapshot() for fqme in dirty}
+            if consumer.dirty:
+                rows = consumer.take(feeds)
                 try:
                     with trio.fail_after(CONSUMER_SEND_SECS):
-                        await stream.send(batch)
+                        await stream.send(join_rows(rows))
                 except _SEND_ERRORS as err:
                     log.warning('feed.consumer_dropped', consumer=consumer.cid,
                                 fqmes=consumer.fqmes, reason=repr(err)[:300])
                     return
                 consumer.batches += 1
-                consumer.quotes += len(batch)
+                consumer.quotes += len(rows)
             if not consumer.dirty:
                 consumer.flushed.set()
 
@@ -463,7 +488,8 @@ class FeedBus:
             'origin_epoch': self.origin_epoch,
             'now_epoch': self.now_ns() / _NS if self.clock else None,
             'consumers': {
-                c.cid: {'fqmes': c.fqmes, 'batches': c.batches, 'quotes': c.quotes}
+                c.cid: {'fqmes': c.fqmes, 'batches': c.batches, 'quotes': c.quotes,
+                        'conflated': c.conflated}
                 for c in self.consumers.values()
             },
             'feeds': {fqme: feed.status() for fqme, feed in self.feeds.items()},

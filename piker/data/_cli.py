@@ -51,7 +51,7 @@ async def _run_quote(ctx: Ctx, fqmes: list[str], backend_cfg: dict[str, Any], as
             async with open_feed(fqmes, backend_cfg=backend_cfg, timeframes=()) as feed:
                 assert feed.stream is not None
                 printed = 0
-                batch = feed.first_quotes
+                batch = list(feed.first_quotes.values())
                 header = not as_json
                 while count is None or printed < count:
                     _emit_quotes(batch, as_json, header)
@@ -65,15 +65,15 @@ async def _run_quote(ctx: Ctx, fqmes: list[str], backend_cfg: dict[str, Any], as
     return None
 
 
-def _emit_quotes(batch: dict[str, dict[str, Any]], as_json: bool, header: bool) -> None:
+def _emit_quotes(batch: list[dict[str, Any]], as_json: bool, header: bool) -> None:
     if as_json:
-        for quote in batch.values():
+        for quote in batch:
             sys.stdout.write(json.dumps(quote) + '\n')
         sys.stdout.flush()
         return
     if header:
         click.echo(_row_text({col: col.upper() for col in _QUOTE_COLUMNS}))
-    for quote in batch.values():
+    for quote in batch:
         click.echo(_row_text({**quote, 'time': _clock_text(quote.get('ts_ns'))}))
 
 

@@ -6,9 +6,9 @@
    the rate of a burst of orders;
 2. quote throughput ib -> datad.ib -> one consumer (``open_feed``): the fake
    streams ticks for several contracts as fast as its ticker allows; reported
-   are the ticks the fake sent, the quotes the consumer received (datad
-   conflates to the latest quote per market for a slow consumer) and the
-   trades those quotes account for.
+   are the quotes the consumer received, the trades the fake printed in that
+   time (from the volume), and how often the consumer fell behind and got
+   conflated quotes.
 
 ib_async paces what it sends to 45 requests/s (TWS disconnects clients above
 50 msg/s), so latency is measured at a paced rate and a burst shows the cap.
@@ -109,23 +109,26 @@ async def bench_quotes(secs: float, tick_interval_secs: float) -> dict[str, floa
             async with open_feed(FQMES, backend_cfg=_cfg(gw.port), timeframes=[60]) as feed:
                 stream = feed.stream
                 assert stream is not None
-                await stream.receive()
-                vol0 = {f: q.get('volume', 0.0) for f, q in (await stream.receive()).items()}
+                first = await stream.receive()
+                vol0 = {q['fqme']: q.get('volume', 0.0) for q in first}
                 quotes = batches = 0
+                conflated0 = stream.conflated
                 last: dict[str, dict[str, Any]] = {}
                 t0 = time.perf_counter()
                 with trio.move_on_after(secs):
                     async for batch in stream:
                         batches += 1
                         quotes += len(batch)
-                        last.update(batch)
+                        last.update((q['fqme'], q) for q in batch)
                 elapsed = time.perf_counter() - t0
+                conflations = stream.conflated - conflated0
     # each fake tick prints one trade of `quote_size / 10` (see tests/fake_tws/_market.py)
     lots = {lst.symbol: max(1.0, round(lst.quote_size / 10)) for lst in scenario.listings}
     trades = sum((q['volume'] - vol0.get(f, 0.0)) / lots[f.split('.')[0].upper()]
                  for f, q in last.items())
     return {'secs': elapsed, 'markets': len(FQMES), 'batches_per_s': batches / elapsed,
-            'quotes_per_s': quotes / elapsed, 'upstream_trades_per_s': trades / elapsed}
+            'quotes_per_s': quotes / elapsed, 'upstream_trades_per_s': trades / elapsed,
+            'conflations': conflations}
 
 
 def main() -> None:
@@ -150,7 +153,8 @@ def main() -> None:
         print(f'quotes ib -> datad.ib -> consumer ({quotes["markets"]} markets, '
               f'{quotes["secs"]:.1f} s): {quotes["quotes_per_s"]:.0f} quotes/s in '
               f'{quotes["batches_per_s"]:.0f} batches/s, upstream '
-              f'{quotes["upstream_trades_per_s"]:.0f} trades/s')
+              f'{quotes["upstream_trades_per_s"]:.0f} trades/s, '
+              f'{quotes["conflations"]} conflations')
 
 
 if __name__ == '__main__':

@@ -522,7 +522,7 @@ async def test_datad_market_info_history_quotes_and_ambiguous_error(reg_addr, st
                     assert (bars['time'] % 60 == 0).all() and (bars['high'] >= bars['low']).all()
                     seen: set[str] = set()
                     async for batch in feed.stream:  # type: ignore[union-attr]
-                        seen |= set(batch)
+                        seen |= {q['fqme'] for q in batch}
                         if seen == {'gld.arca.ib', 'mnq.cme.ib'}:
                             break
                 with pytest.raises(FqmeError, match="use 'gld.arca.ib' or 'gld.venture.ib'"):
@@ -555,8 +555,15 @@ async def test_two_ib_actors_have_distinct_client_ids_and_quotes_resume_after_dr
                         mark = trio.current_time()
                         while True:
                             batch = await feed.stream.receive()  # type: ignore[union-attr]
-                            if trio.current_time() - mark > 0.3 and 'spy.arca.ib' in batch:
+                            fresh = trio.current_time() - mark > 0.3
+                            if fresh and any(q['fqme'] == 'spy.arca.ib' for q in batch):
                                 break
+                        # TWS back with its market data lost (1101): subscribe again
+                        gw.lose_connectivity()
+                        gw.restore_connectivity(data_lost=True)
+                        with trio.fail_after(5):
+                            while len(gw.requests_named('reqMktData', client_id=116)) < 3:
+                                await trio.sleep(0.05)
                     assert gw.clients == [100, 116]
 
 

@@ -501,9 +501,14 @@ class IbClient:
             raise IbRequestError(f'the history of {info.fqme}', err.code, err.message) from None
         return [bar_row(b) for b in bars]
 
-    def subscribe_quotes(self, info: ContractInfo) -> None:
-        if info.con_id in self._tickers:
-            return
+    def subscribe_quotes(self, info: ContractInfo, fresh: bool = False) -> None:
+        """Stream ``info``'s quotes; ``fresh`` requests them again even if
+        subscribed (after 1101 TWS dropped them while ib_async kept its ticker)."""
+        ticker = self._tickers.get(info.con_id)
+        if ticker is not None:
+            if not fresh:
+                return
+            self._ib.cancelMktData(ticker.contract)
         self._tickers[info.con_id] = self._ib.reqMktData(to_contract(info), '', False, False)
 
     def unsubscribe_quotes(self, con_id: int) -> None:

@@ -131,7 +131,7 @@ class FeedClient:
 
     async def resubscribe(self, why: str) -> None:
         for con_id in list(self._streams):
-            await self.link.call('subscribe_quotes', self._infos[con_id])
+            await self.link.call('subscribe_quotes', self._infos[con_id], fresh=True)
         if self._streams:
             log.info('datad.ib.resubscribed', why=why, contracts=len(self._streams))
 

@@ -348,7 +348,8 @@ async def test_brokerd_cancel_and_reject_with_ib_code(reg_addr, state_dir):
 
                 await d.send(order('rej-1', 'aapl.nasdaq.ib', 1))
                 [err] = await d.wait_for(BrokerdError, 'rej-1')
-                assert err.code == 201 and 'insufficient margin' in err.reason
+                assert err.code == 201 and err.reason.startswith('IB 201: Order rejected')
+                assert 'insufficient margin' in err.reason
 
                 await d.send(BrokerdCancel(oid='never-sent', account='live'))
                 [err] = await d.wait_for(BrokerdError, 'never-sent')

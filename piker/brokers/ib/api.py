@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
+import re
 import time
 from typing import Any, Literal
 
@@ -251,13 +252,17 @@ def to_contract(info: ContractInfo) -> Contract:
     )
 
 
+# ib_async's own framing of an error in a trade's log
+_LOG_PREFIX = re.compile(r'^(Error|Warning) -?\d+, reqId -?\d+: ')
+
+
 def order_report(trade: Trade) -> OrderReport:
     o, s = trade.order, trade.orderStatus
     code, text = None, ''
-    for entry in reversed(trade.log):
-        if entry.errorCode:
-            code, text = entry.errorCode, entry.message
-            break
+    # only the latest entry: an earlier warning (399, ...) says nothing about the end
+    if trade.log and trade.log[-1].errorCode:
+        code = trade.log[-1].errorCode
+        text = _LOG_PREFIX.sub('', trade.log[-1].message)
     lmt = _num(o.lmtPrice, math.nan)
     return OrderReport(
         order_id=o.orderId, client_id=o.clientId, perm_id=o.permId or s.permId,
@@ -577,7 +582,8 @@ class IbClient:
                     log.info('ib.info', code=code, text=text)
                 return
             case 'connectivity':
-                log.warning('ib.connectivity', code=code, text=text)
+                level = logging.INFO if code == 1102 else logging.WARNING
+                log.log(level, 'ib.connectivity', code=code, text=text)
                 if code == CONNECTIVITY_LOST:
                     self._emit(LinkDown(reason=text, code=code))
                 elif code in (1101, 1102):

@@ -84,7 +84,8 @@ def test_market_buy_fills_at_ask_and_sell_at_bid(tmp_path: Path, ledgers: Ledger
     assert [f.fill_id for f in ledgers('paper').fills()] == ['paper-b1-1', 'paper-s1-1']
     assert ledgers('paper').position(FQME).realized_pnl == -2.0
     assert eng.positions('paper', now_ns=T) == [BrokerdPosition(
-        broker='sim', account='paper', fqme=FQME, size=1, avg_price=101.0, ts_ns=T)]
+        broker='sim', account='paper', fqme=FQME, size=1, avg_price=101.0, realized_pnl=-2.0,
+        ts_ns=T)]
 
 
 def test_no_quote_is_a_brokerd_error_with_reason(tmp_path: Path, ledgers: Ledgers):

@@ -97,6 +97,8 @@ class PaperSession:
                 reason=reason, ts_ns=now_ns(),
             ))
             return
+        if order.kind == 'market' and order.ts_ns:
+            await self.feeds.catch_up(self.feeds.canonical(order.fqme), order.ts_ns)
         for event in self.engine.submit(order):
             self.hub.emit(event)
 

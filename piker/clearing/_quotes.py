@@ -97,6 +97,11 @@ class _FeedState:
         self.ready = trio.Event()
         self.error: str | None = None
         self.market_info: Any = None
+        # under a driven (test/replay) clock, quotes and orders carry that
+        # clock's time: see QuoteFeeds.catch_up
+        self.driven = False
+        self.last_ts_ns = 0
+        self.moved = trio.Event()
 
 
 class QuoteFeeds:
@@ -144,6 +149,25 @@ class QuoteFeeds:
             raise FeedError(state.error)
         return state.fqme
 
+    async def catch_up(self, fqme: str, ts_ns: int, timeout_secs: float = 2.0) -> None:
+        """Under a driven clock, wait (bounded) until ``fqme``'s quotes reach
+        ``ts_ns``: an order stamped at a bar boundary then clears against the
+        market at that boundary, whatever order the actors' messages race in.
+        A wall-clock feed returns at once (the latest quote is the market)."""
+        state = self._feeds.get(fqme)
+        if state is None or not state.driven:
+            return
+        with trio.move_on_after(timeout_secs):
+            while state.last_ts_ns < ts_ns:
+                await state.moved.wait()
+
+    def _mark(self, state: _FeedState, quotes: list[QuoteTick]) -> None:
+        newest = max((q.ts_ns or 0 for q in quotes), default=0)
+        if newest > state.last_ts_ns:
+            state.last_ts_ns = newest
+            state.moved.set()
+            state.moved = trio.Event()
+
     def _deliver(self, quotes: list[QuoteTick]) -> None:
         # a consumer bug must not cost every later quote of the market
         try:
@@ -163,14 +187,17 @@ class QuoteFeeds:
                     state.fqme = canonical
                     self._feeds.setdefault(canonical, state)
                 state.market_info = _first_value(getattr(feed, 'market_info', None), canonical)
+                state.driven = getattr(feed, 'clock', 'wall') == 'driven'
                 first = normalize_batch(getattr(feed, 'first_quotes', None) or {})
                 if first:
                     self._deliver(first)
+                    self._mark(state, first)
                     state.ready.set()
                 async for batch in feed.stream:
                     quotes = normalize_batch(batch)
                     if quotes:
                         self._deliver(quotes)
+                        self._mark(state, quotes)
                         state.ready.set()
         except trio.Cancelled:
             raise

@@ -200,3 +200,52 @@ def test_readme_bot_run_bounded_session(reg_addr, tmp_path):
     events = {r['event'] for r in records}
     assert {'bot.warmed', 'bot.started', 'bot.ready', 'pikerd.stopped'} <= events
     assert not [r for r in records if r['level'] in ('error', 'critical')]
+
+
+def test_bot_run_attaches_to_a_running_pikerd(reg_addr, tmp_path, piker_procs):
+    """With a pikerd up, `bot run` joins it: its strategies run under that
+    pikerd, and the pikerd (and its daemons) outlive the session."""
+    import time
+
+    from piker.service import registry_answers
+    from tests.conftest import descendants, pid_alive, spawn_piker
+    reg = f'{reg_addr[0]}:{reg_addr[1]}'
+    pikerd = spawn_piker(piker_procs, tmp_path, 'pikerd', '--registry', reg,
+                         '--state-dir', str(tmp_path / 'state'))
+    deadline = time.monotonic() + 20
+    while not registry_answers(reg_addr):
+        assert time.monotonic() < deadline, pikerd.stderr
+        time.sleep(0.1)
+    res = run_piker('bot', 'run', '--for', '6s', '--registry', reg,
+                    '--state-dir', str(tmp_path / 'state'), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert 'runtime.attached' in {r['event'] for r in records}
+    summary = [r for r in records if r['event'] == 'bot.summary'][0]
+    assert {x['state'] for x in summary['strategies']} == {'stopped'}
+    # the strategy actors were children of pikerd, and are gone; its daemons stay
+    assert '"service":"bot.sma-btc"' in pikerd.stdout
+    assert pid_alive(pikerd.pid)
+    kids = descendants(pikerd.pid)
+    assert len(kids) >= 4  # healthd, samplerd, datad.sim, emsd, paperboi.sim
+    assert pikerd.stop() == 0
+
+
+@pytest.mark.parametrize('toml, expected', [
+    ('[[strategies]]\nname = "x"\nstrategy = "nope"\nmarkets = ["btcusd.sim"]\n',
+     "strategy 'nope'"),
+    ('[[strategies]]\nname = "x"\nstrategy = "sma_cross"\nmarkets = ["btcusd.sim"]\n'
+     'params = { fast = "three" }\n', 'Expected `int`, got `str` - at `$.params.fast`'),
+    ('[[strategies]]\nname = "x"\nstrategy = "sma_cross"\nmarkets = ["dogeusd.sim"]\n',
+     "unknown market 'dogeusd.sim'"),
+    ('[[strategies]]\nname = "x"\nstrategy = "sma_cross"\nmarkets = ["gld.sim"]\n',
+     "ambiguous fqme 'gld.sim': use 'gld.arca.sim' or 'gld.venture.sim'"),
+])
+def test_bot_check_names_strategy_problems(tmp_path, toml, expected):
+    cfg = tmp_path / 'bot.toml'
+    cfg.write_text(f'strategies_dir = "{REPO / "strategies"}"\n' + toml)
+    res = run_piker('bot', 'check', '-c', str(cfg))
+    assert res.returncode == 2, res.stdout
+    assert expected in res.stderr
+    assert 'Traceback' not in res.stderr
+    assert all(line.startswith('piker: error: ') for line in res.stderr.strip().splitlines())

@@ -13,6 +13,7 @@ Client ids: each actor role owns a block of :data:`CLIENT_IDS_PER_ROLE` ids
 starting at ``base_client_id + ROLE_OFFSETS[role]``. TWS answers a duplicate
 id with error 326 and a closed socket (and ib_async would only time out), so
 :meth:`IbClient.connect` watches for 326 itself and moves on to the next id.
+A reconnect tries the id it had first: only that id may manage its orders.
 """
 from __future__ import annotations
 

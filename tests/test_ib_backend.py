@@ -4,7 +4,6 @@ gateway running in this process."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -568,12 +567,6 @@ async def test_two_ib_actors_have_distinct_client_ids_and_quotes_resume_after_dr
                     assert gw.clients == [100, 116]
 
 
-_NO_BROKERD_SHELL = importlib.util.find_spec('piker.brokers._daemon') is None
-
-
-@pytest.mark.skipif(_NO_BROKERD_SHELL, reason=(
-    "emsd starts brokers through 'piker.brokers._daemon:brokerd_init' (BROKERD_INIT), "
-    'which does not exist yet; it must dispatch to piker.brokers.ib.broker:brokerd_init'))
 async def test_emsd_live_mode_orders_fill_and_reject_through_brokerd_ib(reg_addr, state_dir):
     async with open_fake_gateway() as gw:
         gw.set_fill_mode('reject', symbol='AAPL', reason='no trading permissions')

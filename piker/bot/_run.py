@@ -89,8 +89,16 @@ async def run_bot(
                 if started and not stop.is_set():
                     critical = {PIKERD, 'healthd', *names} if rt.is_pikerd else set(names)
                     if rt.services is not None:
+                        services = rt.services
+                        ever_critical: set[str] = set()
+
                         def critical_now() -> set[str]:
-                            return critical | {s.name for s in rt.services.list() if s.critical}
+                            running = {s.name for s in services.list() if s.critical}
+                            ever_critical.update(running)
+                            # a dead daemon leaves the service list: it stays
+                            # critical (so pings stop) until it runs again
+                            dead = ever_critical & set(services.deaths)
+                            return critical | running | dead
                     else:
                         def critical_now() -> set[str]:
                             return critical
@@ -169,7 +177,8 @@ async def _start_all(cfg: BotCfg, names: list[str], strategies_dir: Path, clock:
 
 async def _status_line(cfg: BotCfg, names: list[str]) -> str:
     summary = await collect_summary(cfg, names, timeout_secs=2.0)
-    return summary.status_line()
+    markets = ' '.join(sorted({m for s in cfg.strategies for m in s.markets}))
+    return f'{summary.status_line()} | markets {markets}'
 
 
 __all__ = ['run_bot', 'request_spawn']

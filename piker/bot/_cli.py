@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+from functools import partial
 from typing import Any
 
 import click
@@ -147,7 +148,7 @@ def bot_status(config_path: str | None, registry: str | None, state_dir: str | N
 def bot_halt(config_path: str | None, registry: str | None, state_dir: str | None,
              as_json: bool, reason: str) -> None:
     ctx = load_ctx(config_path, registry, state_dir)
-    result = run_trio(_operate, ctx, 'halt', reason=reason)
+    result = run_trio(partial(_operate, ctx, 'halt', reason=reason))
     if not as_json:
         click.echo(f"halted; canceled {len(result['canceled'])} open orders")
     _print_status(result, as_json)
@@ -168,7 +169,7 @@ def bot_resume(config_path: str | None, registry: str | None, state_dir: str | N
 def bot_flatten(config_path: str | None, registry: str | None, state_dir: str | None,
                 as_json: bool, fqme: str | None) -> None:
     ctx = load_ctx(config_path, registry, state_dir)
-    result = run_trio(_operate, ctx, 'flatten', fqme=fqme)
+    result = run_trio(partial(_operate, ctx, 'flatten', fqme=fqme))
     if not as_json:
         click.echo(f"flatten orders sent: {len(result['flatten'])}")
     _print_status(result, as_json)

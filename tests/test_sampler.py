@@ -143,11 +143,14 @@ async def test_wall_clock_increments_align_to_the_second(reg_addr, state_dir):
         async with open_runtime('tester', reg_addr):
             async with open_sample_stream(1) as incs:
                 assert incs.clock == 'wall'
-                lags = []
+                lags, epochs = [], []
                 for _ in range(3):
                     inc = await incs.receive()
                     lags.append(time.time() - inc.epoch)
-                    assert inc.epoch % 1 == 0 and isinstance(inc.epoch, int)
+                    epochs.append(inc.epoch)
+                    assert isinstance(inc.epoch, int)
+                # one increment per second, each released at (never before) its boundary
+                assert epochs == [epochs[0], epochs[0] + 1, epochs[0] + 2]
                 assert all(0 <= lag < 0.25 for lag in lags), lags
             with pytest.raises(PeriodError, match='within 1..86400'):
                 async with open_sample_stream(0):

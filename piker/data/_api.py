@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,9 @@ OPEN_TIMEOUT_SECS = 60.0
 MAX_PENDING_INCREMENTS = 10_000
 # quotes kept for a caller that does not keep up before conflating to the latest
 MAX_PENDING_QUOTES = 50_000
+# samplerd sends wall-clock increments a little early; they are held until
+# their boundary, spinning at most this long
+RELEASE_SPIN_SECS = 0.0015
 
 _ERRORS: dict[str, type[Exception]] = {
     'FqmeError': FqmeError,
@@ -199,17 +203,17 @@ async def open_feed(
                 if refused is None:
                     feed = Feed(backend, portal, started)
                     try:
-                        if not start_stream:
-                            yield feed
-                        else:
-                            async with ctx.open_stream() as stream, trio.open_nursery() as n:
+                        # both sides always open the stream: closing it is what ends
+                        # the callee, so leaving needs no ctx.cancel() (and no error
+                        # log from tractor about a cancelled context)
+                        async with ctx.open_stream() as stream, trio.open_nursery() as n:
+                            if start_stream:
                                 feed.stream = QuoteStream()
                                 await n.start(feed.stream._pump, stream)
-                                yield feed
-                                n.cancel_scope.cancel()
+                            yield feed
+                            n.cancel_scope.cancel()
                     finally:
                         feed.close()
-                    await ctx.cancel()  # the callee serves until told (tractor wart 7)
         if startup.cancelled_caught:
             raise FeedError(f'datad.{backend} did not open the feed of {list(fqmes)} '
                             f'within {OPEN_TIMEOUT_SECS} s')
@@ -227,8 +231,22 @@ async def search(backend: str, pattern: str,
 
 # -- samplerd ---------------------------------------------------------------------------
 
+async def release_at(epoch: float) -> None:
+    """Return at wall time ``epoch``: sleep, then spin the last ~1.5 ms (a trio
+    sleep overshoots by up to a millisecond)."""
+    delay = epoch - time.time()
+    if delay > RELEASE_SPIN_SECS:
+        await trio.sleep(delay - RELEASE_SPIN_SECS)
+    while time.time() < epoch:
+        pass
+
+
 class IncrementStream:
-    """Async iterator of :class:`Increment`; ``clock`` is samplerd's clock kind."""
+    """Async iterator of :class:`Increment`; ``clock`` is samplerd's clock kind.
+
+    Under the wall clock each increment is yielded at its boundary, never
+    before (samplerd sends them ~2 ms ahead to hide the transport delay).
+    """
 
     def __init__(self, info: dict[str, Any]) -> None:
         self.clock: str = info['clock']
@@ -243,9 +261,12 @@ class IncrementStream:
         task_status.started()
         try:
             async for msg in stream:
+                inc = msgspec.convert(msg, Increment)
+                if self.clock == 'wall':
+                    await release_at(inc.epoch)
                 if len(self._pending) == self._pending.maxlen:
                     log.warning('sampler.increment_overflow', dropped=self._pending[0].epoch)
-                self._pending.append(msgspec.convert(msg, Increment))
+                self._pending.append(inc)
                 self._ready.set()
         finally:
             self._ended = True
@@ -286,7 +307,7 @@ async def open_sample_stream(period_secs: int | Sequence[int]) -> AsyncIterator[
                         await n.start(incs._pump, stream)
                         yield incs
                         n.cancel_scope.cancel()
-                    await ctx.cancel()
+                    # closing the stream ends the callee: it returns, no cancel needed
         if startup.cancelled_caught:
             raise SamplerError(f'samplerd did not subscribe {periods} within '
                                f'{OPEN_TIMEOUT_SECS} s')

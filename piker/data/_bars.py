@@ -81,6 +81,7 @@ class BarWriter:
         self._o = self._h = self._l = self._c = math.nan
         self._v = 0.0
         self._view = shm.array
+        self._one_row = np.zeros(1, dtype=ohlc_dtype)
 
     # -- layout ---------------------------------------------------------------
 
@@ -146,19 +147,24 @@ class BarWriter:
             return self._last_pos
         n = (bar - self._last_time) // p
         close = float(self._view['close'][-1])
-        rows = np.zeros(n, dtype=ohlc_dtype)
-        rows['time'] = self._last_time + p * np.arange(1, n + 1, dtype=np.int64)
-        for field in ('open', 'high', 'low', 'close'):
-            rows[field] = close
+        if n == 1:
+            rows = self._one_row  # the common case: reuse one row
+            rows[0] = (0, bar, close, close, close, close, 0.0)
+        else:
+            rows = np.zeros(n, dtype=ohlc_dtype)
+            rows['time'] = self._last_time + p * np.arange(1, n + 1, dtype=np.int64)
+            for field in ('open', 'high', 'low', 'close'):
+                rows[field] = close
         try:
-            self.shm.push(rows)
+            stop = self.shm.push(rows)
         except ShmError as err:
             self.full = True
             log.error('bars.buffer_full', fqme=self.fqme, period_secs=p, error=str(err),
                       hint='the buffer stops updating; restart datad to start a new one')
             return self._last_pos
         self._last_time = bar
-        self._refresh()
+        self._last_pos = stop - 1
+        self._view = self.shm.array
         return self._last_pos
 
     def apply_trade(self, ts_ns: int, price: float, size: float) -> None:

@@ -54,15 +54,20 @@ class WallClock:
 
 
 class ScaledClock:
-    """``start_ns`` of file time maps to the first reading; then ``speed`` x real time."""
+    """``start_ns`` of file time maps to the first reading; then ``speed`` x real time.
+
+    A sleep lasts at least ``min_sleep_secs`` of real time, so a fast replay
+    wakes its streams a bounded number of times and publishes in batches.
+    """
 
     driven = False
 
-    def __init__(self, start_ns: int, speed: float) -> None:
+    def __init__(self, start_ns: int, speed: float, min_sleep_secs: float = 0.0) -> None:
         if not speed > 0:
             raise ValueError(f'replay speed must be > 0, found {speed!r}')
         self.start_ns = start_ns
         self.speed = speed
+        self.min_sleep_secs = min_sleep_secs
         self._wall0_ns: int | None = None
 
     def now_ns(self) -> int:
@@ -77,7 +82,8 @@ class ScaledClock:
             if now >= t_ns:
                 await trio.lowlevel.checkpoint()
                 return now
-            await trio.sleep(min((t_ns - now) / self.speed, _MAX_SLEEP_NS) / _NS)
+            delay_secs = min((t_ns - now) / self.speed, _MAX_SLEEP_NS) / _NS
+            await trio.sleep(max(delay_secs, self.min_sleep_secs))
 
 
 class DrivenClock:

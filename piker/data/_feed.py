@@ -22,7 +22,7 @@ from piker.log import get_logger
 from piker.service import DaemonSpec, daemon_lifetime, maybe_spawn_daemon
 from piker.service._spec import TIER_FEEDS
 
-from ._bus import DEFAULT_HISTORY_BARS, FeedBus
+from ._bus import DEFAULT_HISTORY_BARS, FeedBus, FeedError
 from ._shm import sweep_stale_segments
 from ._timing import check_period
 
@@ -111,7 +111,7 @@ async def open_feed_stream(
     try:
         tfs = sorted({check_period(tf) for tf in timeframes})
         if history_bars < 1:
-            raise ValueError(f'history_bars must be >= 1, found {history_bars}')
+            raise FeedError(f'history_bars must be >= 1, found {history_bars}')
         feeds = await bus.subscribe(fqmes, tfs, history_bars)
     except Exception as err:
         error = _user_error(err)
@@ -128,9 +128,7 @@ async def open_feed_stream(
         'clock': bus.clock_kind,
         'sampled': bus.sampled,
     })
-    if not start_stream:
-        await trio.sleep_forever()
-    consumer = bus.add_consumer(feeds)
+    consumer = bus.add_consumer(feeds) if start_stream else None
     try:
         async with ctx.open_stream() as stream:
             async with trio.open_nursery() as n:
@@ -141,10 +139,12 @@ async def open_feed_stream(
                     n.cancel_scope.cancel()
 
                 n.start_soon(until_peer_closes)
-                await bus.run_sender(consumer, stream)
-                n.cancel_scope.cancel()
+                if consumer is not None:
+                    await bus.run_sender(consumer, stream)
+                    n.cancel_scope.cancel()
     finally:
-        bus.remove_consumer(consumer)
+        if consumer is not None:
+            bus.remove_consumer(consumer)
 
 
 async def feed_status() -> dict[str, Any]:

@@ -14,13 +14,14 @@ Subscribers each have their own context stream and sender task with a
 latest-per-period slot, so a slow subscriber is conflated and one that stops
 draining (or dies) is dropped without delaying anyone else.
 
-Clocks: ``wall`` sleeps to each real boundary (owners are asked a few ms
-ahead, the increments leave at the boundary); ``driven`` moves only when a
+Clocks: ``wall`` sleeps to each real boundary (owners are asked ~4 ms ahead,
+increments leave ~2 ms ahead and clients hold each until its boundary); ``driven`` moves only when a
 client calls :func:`advance_to`, which processes every boundary in
 ``(now, epoch]`` in order and returns once all of them are delivered.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import AsyncIterator
@@ -51,11 +52,13 @@ SAMPLERD = 'samplerd'
 ClockKind = Literal['wall', 'driven']
 CLOCKS = ('wall', 'driven')
 
-# wall clock: owners open their rows this long before the boundary, so the
-# increments can leave at the boundary itself (a trio sleep overshoots ~1 ms
-# and an owner round trip takes ~0.5 ms); rows opened early are harmless, a
-# trade still lands in the row of its own timestamp
-OPEN_ROWS_LEAD_SECS = 0.004
+# wall clock: owners open their rows this long before the boundary (a trade
+# still lands in the row of its own timestamp, so early rows are harmless)...
+OPEN_ROWS_LEAD_SECS = 0.020
+# ...and increments leave this long before it: a tractor message takes 0.6-5 ms
+# on a busy 2-core box, so clients get them early and release each at its
+# boundary (``IncrementStream``) rather than milliseconds after it
+SEND_LEAD_SECS = 0.008
 WALL_OWNER_ACK_SECS = 0.5
 DRIVEN_OWNER_ACK_SECS = 30.0
 # a subscriber whose send blocks this long is dropped
@@ -168,6 +171,10 @@ class Sampler:
         self.subscribers: dict[int, _Subscriber] = {}
         self.boundaries = 0
         self.skipped = 0
+        # wall clock, last 100 boundaries: how long before the boundary each
+        # broadcast started, and how long the owners took to open their rows
+        self.send_lead_secs: collections.deque[float] = collections.deque(maxlen=100)
+        self.owner_ack_secs: collections.deque[float] = collections.deque(maxlen=100)
         self._next_id = 0
         self._changed = trio.Event()
         self._advance_lock = trio.Lock()
@@ -202,6 +209,8 @@ class Sampler:
             'subscribers': len(self.subscribers),
             'boundaries': self.boundaries,
             'skipped': self.skipped,
+            'send_lead_ms': [round(x * 1e3, 3) for x in self.send_lead_secs],
+            'owner_ack_ms': [round(x * 1e3, 3) for x in self.owner_ack_secs],
         }
 
     # -- boundaries ---------------------------------------------------------------
@@ -259,7 +268,8 @@ class Sampler:
         task_status.started()
         last = 0
         while True:
-            nxt = next_boundary(time.time(), self.periods())
+            # boundaries are processed ahead of time: never the same one twice
+            nxt = next_boundary(max(time.time(), last), self.periods())
             if nxt is None:
                 await self._wait_changed(None)
                 continue
@@ -273,9 +283,13 @@ class Sampler:
                 self.skipped += 1
                 log.warning('sampler.boundary_late', epoch=epoch, previous=last)
             last = epoch
+            t0 = time.time()
             await self.open_rows(epoch, periods)
-            while time.time() < epoch:
-                pass  # spin the last ms: a trio sleep would overshoot the boundary
+            self.owner_ack_secs.append(time.time() - t0)
+            early = epoch - SEND_LEAD_SECS - time.time()
+            if early > 0:
+                await trio.sleep(early)
+            self.send_lead_secs.append(epoch - time.time())
             await self.broadcast(epoch, periods)
 
     async def _wait_changed(self, timeout_secs: float | None) -> bool:

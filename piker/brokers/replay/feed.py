@@ -33,6 +33,8 @@ from ._csv import ReplayFileError, read_ohlc_csv, ticks_for_bar
 log = get_logger(__name__)
 
 BACKEND = 'replay'
+# a fast wall-clock replay publishes in batches at most this often per market
+MIN_SLEEP_SECS = 0.005
 _NS = 1_000_000_000
 _cache: dict[tuple[str, float], np.ndarray] = {}
 
@@ -180,7 +182,7 @@ def wall_clock(cfg: ReplayCfg) -> ScaledClock:
     if not starts:
         raise ReplayConfigError(
             f'replay data_dir {cfg.data_dir!r} holds no usable <symbol>.csv files')
-    return ScaledClock(min(starts) * _NS, cfg.speed)
+    return ScaledClock(min(starts) * _NS, cfg.speed, min_sleep_secs=MIN_SLEEP_SECS)
 
 
 async def stream_quotes(

@@ -16,12 +16,14 @@ from piker.brokers import BackendError, backend_endpoints, get_backend
 from piker.brokers.sim import get_market, quotes_between
 from piker.brokers.sim import history as sim_history
 from piker.data import (
+    FeedError,
     advance_clock,
     datad_init,
     maybe_spawn_datad,
     maybe_spawn_samplerd,
     open_feed,
     open_sample_stream,
+    search,
 )
 from piker.data._bus import MAX_PENDING_ROWS, Consumer, MarketFeed
 from piker.data._types import Tick
@@ -209,18 +211,23 @@ async def test_sigterm_and_killed_reader_leave_no_segments(reg_addr, tmp_path, p
     assert segments and not [s for s in segments if (SHM / s).exists()]
 
 
-async def test_segments_of_a_killed_datad_are_swept_by_the_next(reg_addr, state_dir):
+async def test_a_killed_datad_fails_open_feeds_fast_and_its_segments_are_swept(
+    reg_addr, state_dir,
+):
     with trio.fail_after(60):
         async with open_runtime('tester', reg_addr):
-            async with open_feed(['spy.sim'], backend_cfg=SIM_CFG, start_stream=False):
-                status = await feed_status()
-            segments = status['segments']
             services = get_services()
-            victim = services.get('datad.sim').pid
-            os.kill(victim, signal.SIGKILL)
+            with pytest.raises(FeedError, match=r'datad.sim \(pid \d+\) died'):
+                async with open_feed(['spy.sim'], backend_cfg=SIM_CFG) as feed:
+                    segments = (await feed_status())['segments']
+                    victim = services.get('datad.sim').pid
+                    os.kill(victim, signal.SIGKILL)
+                    async for _ in feed.stream:  # would hang forever on a dead peer
+                        pass
             while services.get('datad.sim') is not None:
                 await trio.sleep(0.05)
             assert all((SHM / s).exists() for s in segments)
             async with maybe_spawn_datad('sim', SIM_CFG):
                 pass
             assert not [s for s in segments if (SHM / s).exists()]
+            assert await search('sim', 'gld', SIM_CFG) == ['gld.arca.sim', 'gld.venture.sim']

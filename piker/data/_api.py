@@ -22,6 +22,7 @@ import trio
 from piker.brokers._protocol import BackendError, get_backend
 from piker.config import ConfigError
 from piker.log import get_logger
+from piker.service._proc import wait_pid_exit
 from piker.types import Fqme, FqmeError, resolve_fqme
 
 from ._bus import DEFAULT_HISTORY_BARS, FeedError
@@ -191,13 +192,14 @@ async def open_feed(
     backend = backend_of(fqmes)
     tfs = [check_period(tf) for tf in timeframes]
     refused: dict[str, str] | None = None
+    died: list[int] = []
     async with maybe_spawn_datad(backend, backend_cfg) as portal:
-        with trio.CancelScope(deadline=trio.current_time() + OPEN_TIMEOUT_SECS) as startup:
+        with trio.CancelScope(deadline=trio.current_time() + OPEN_TIMEOUT_SECS) as session:
             async with portal.open_context(
                 open_feed_stream, fqmes=list(fqmes), timeframes=tfs,
                 history_bars=history_bars, start_stream=start_stream,
             ) as (ctx, started):
-                startup.deadline = math.inf
+                session.deadline = math.inf
                 # a refusal leaves the context first: the callee has returned
                 refused = started.get('error')
                 if refused is None:
@@ -207,6 +209,7 @@ async def open_feed(
                         # the callee, so leaving needs no ctx.cancel() (and no error
                         # log from tractor about a cancelled context)
                         async with ctx.open_stream() as stream, trio.open_nursery() as n:
+                            n.start_soon(_watch_pid, started.get('pid'), session, died)
                             if start_stream:
                                 feed.stream = QuoteStream()
                                 await n.start(feed.stream._pump, stream)
@@ -214,11 +217,24 @@ async def open_feed(
                             n.cancel_scope.cancel()
                     finally:
                         feed.close()
-        if startup.cancelled_caught:
+        if died:
+            raise FeedError(f'datad.{backend} (pid {died[0]}) died while this feed was open; '
+                            'pikerd starts a new one on the next open_feed')
+        if session.cancelled_caught:
             raise FeedError(f'datad.{backend} did not open the feed of {list(fqmes)} '
                             f'within {OPEN_TIMEOUT_SECS} s')
     if refused is not None:
         _raise_remote(refused)
+
+
+async def _watch_pid(pid: int | None, scope: trio.CancelScope, died: list[int]) -> None:
+    """Cancel ``scope`` when daemon ``pid`` exits: a context with a SIGKILLed
+    actor would otherwise wait forever (tractor wart 6)."""
+    if not pid:
+        return
+    await wait_pid_exit(pid)
+    died.append(pid)
+    scope.cancel()
 
 
 async def search(backend: str, pattern: str,
@@ -296,19 +312,23 @@ async def open_sample_stream(period_secs: int | Sequence[int]) -> AsyncIterator[
     periods = [period_secs] if isinstance(period_secs, int) else list(period_secs)
     periods = [check_period(p) for p in periods]
     refused: str | None = None
+    died: list[int] = []
     async with maybe_spawn_samplerd() as portal:
-        with trio.CancelScope(deadline=trio.current_time() + OPEN_TIMEOUT_SECS) as startup:
+        with trio.CancelScope(deadline=trio.current_time() + OPEN_TIMEOUT_SECS) as session:
             async with portal.open_context(subscribe_increments, periods=periods) as (ctx, info):
-                startup.deadline = math.inf
+                session.deadline = math.inf
                 refused = info.get('error')
                 if refused is None:
                     incs = IncrementStream(info)
                     async with ctx.open_stream() as stream, trio.open_nursery() as n:
+                        n.start_soon(_watch_pid, info.get('pid'), session, died)
                         await n.start(incs._pump, stream)
                         yield incs
                         n.cancel_scope.cancel()
                     # closing the stream ends the callee: it returns, no cancel needed
-        if startup.cancelled_caught:
+        if died:
+            raise SamplerError(f'samplerd (pid {died[0]}) died while subscribed')
+        if session.cancelled_caught:
             raise SamplerError(f'samplerd did not subscribe {periods} within '
                                f'{OPEN_TIMEOUT_SECS} s')
     if refused is not None:
@@ -328,5 +348,6 @@ async def clock_info() -> dict[str, Any]:
         return await portal.run_from_ns('piker.data._sampler', 'clock_info')
 
 
-__all__ = ['Feed', 'QuoteStream', 'latest_by_fqme', 'IncrementStream', 'open_feed', 'open_sample_stream',
-           'advance_clock', 'clock_info', 'search', 'backend_of', 'SamplerError']
+__all__ = ['Feed', 'QuoteStream', 'latest_by_fqme', 'IncrementStream', 'open_feed',
+           'open_sample_stream', 'advance_clock', 'clock_info', 'search', 'backend_of',
+           'SamplerError']

@@ -77,8 +77,14 @@ def _emit_quotes(batch: list[dict[str, Any]], as_json: bool, header: bool) -> No
         click.echo(_row_text({**quote, 'time': _clock_text(quote.get('ts_ns'))}))
 
 
+def _cell(value: Any) -> str:
+    if value is None:
+        return ''
+    return f'{value:.10g}' if isinstance(value, float) else str(value)
+
+
 def _row_text(row: dict[str, Any]) -> str:
-    cells = ('' if row.get(col) is None else str(row[col]) for col in _QUOTE_COLUMNS)
+    cells = (_cell(row.get(col)) for col in _QUOTE_COLUMNS)
     return '  '.join(c.ljust(_WIDTHS.get(col, 12))
                      for c, col in zip(cells, _QUOTE_COLUMNS, strict=True)).rstrip()
 
@@ -143,7 +149,8 @@ def history(config_path: str | None, registry: str | None, state_dir: str | None
         for row in rows:
             sys.stdout.write(json.dumps(row) + '\n')
         return
-    for row in rows:
-        row['time'] = datetime.fromtimestamp(row['time'], UTC).strftime('%Y-%m-%d %H:%M:%S')
-    emit_table(rows, ['time', 'open', 'high', 'low', 'close', 'volume'])
+    table = [{k: _cell(v) for k, v in row.items()} for row in rows]
+    for cells, row in zip(table, rows, strict=True):
+        cells['time'] = datetime.fromtimestamp(row['time'], UTC).strftime('%Y-%m-%d %H:%M:%S')
+    emit_table(table, ['time', 'open', 'high', 'low', 'close', 'volume'])
 

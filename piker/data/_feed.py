@@ -127,6 +127,7 @@ async def open_feed_stream(
         'market_info': {f.fqme: f.info for f in feeds},
         'clock': bus.clock_kind,
         'sampled': bus.sampled,
+        'pid': os.getpid(),
     })
     consumer = bus.add_consumer(feeds) if start_stream else None
     try:

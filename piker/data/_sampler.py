@@ -422,7 +422,7 @@ async def subscribe_increments(ctx: tractor.Context, periods: list[int]) -> None
     sampler.subscribers[sub.sid] = sub
     sampler.changed()
     try:
-        await ctx.started(sampler.info())
+        await ctx.started({**sampler.info(), 'pid': os.getpid()})
         async with ctx.open_stream() as stream:
             async with trio.open_nursery() as n:
 

@@ -186,3 +186,29 @@ async def test_daemon_failing_at_startup_is_reported_and_ended(reg_addr, state_d
             # the failed actor's process is gone
             while set(descendants(os.getpid())) - before:
                 await trio.sleep(0.1)
+
+
+async def test_registry_port_held_by_a_foreign_program_is_a_clear_error(reg_addr):
+    import socket as _socket
+
+    from piker.service import RuntimeStartupError
+    squatter = _socket.socket()
+    squatter.bind(reg_addr)
+    squatter.listen()
+    try:
+        with trio.fail_after(20):
+            try:
+                async with open_runtime('tester', reg_addr):
+                    raise AssertionError('should not start')
+            except RuntimeStartupError as err:
+                assert 'not a piker tree' in str(err)
+                assert '--registry' in str(err)
+    finally:
+        squatter.close()
+
+
+async def test_registry_probe_recognises_a_running_tree(reg_addr, state_dir):
+    from piker.service._runtime import registry_is_tractor
+    with trio.fail_after(30):
+        async with open_runtime('tester', reg_addr):
+            assert await trio.to_thread.run_sync(registry_is_tractor, reg_addr)

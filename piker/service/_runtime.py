@@ -57,6 +57,36 @@ def registry_answers(addr: tuple[str, int], timeout_secs: float = 0.5) -> bool:
         return False
 
 
+def registry_is_tractor(addr: tuple[str, int], timeout_secs: float = 3.0) -> bool:
+    """Whether the listener on ``addr`` speaks tractor: a tractor actor sends
+    its uid (a length-prefixed msgpack ``[name, uuid]``) as soon as a peer
+    connects. Anything else would make ``open_root_actor`` hang forever."""
+    import struct
+
+    import msgspec
+    try:
+        with socket.create_connection(addr, timeout=timeout_secs) as sock:
+            sock.settimeout(timeout_secs)
+            head = _recv_exact(sock, 4)
+            (size,) = struct.unpack('<I', head)
+            if not 0 < size < 4096:
+                return False
+            uid = msgspec.msgpack.decode(_recv_exact(sock, size))
+    except (OSError, ValueError, msgspec.DecodeError):
+        return False
+    return isinstance(uid, list) and len(uid) == 2 and all(isinstance(x, str) for x in uid)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b''
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ValueError('connection closed')
+        buf += chunk
+    return buf
+
+
 def _export_env(loglevel: str | None, heartbeat_secs: float | None,
                 state_dir: str | None) -> None:
     # children inherit the environment at spawn time
@@ -92,6 +122,12 @@ async def open_runtime(
     _export_env(loglevel, heartbeat_secs, state_dir)
     setup_logging(loglevel, actor=name)
     attach = registry_answers(registry_addr)
+    if attach and not registry_is_tractor(registry_addr):
+        raise RuntimeStartupError(
+            f'the registry address {registry_addr[0]}:{registry_addr[1]} is held by a program '
+            'that is not a piker tree; choose another port (`registry.port` in bot.toml '
+            'or `--registry HOST:PORT`)'
+        )
     if attach and require_pikerd:
         raise RuntimeStartupError(
             f'a pikerd already answers on {registry_addr[0]}:{registry_addr[1]}; stop it first '

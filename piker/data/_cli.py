@@ -121,7 +121,7 @@ async def _run_history(ctx: Ctx, fqme: str, backend_cfg: dict[str, Any], timefra
                 bars = feed.attach(feed.fqmes[0], timeframe_secs).array[-count:].copy()
         except _USER_ERRORS as err:
             return None, str(err)
-    return [{name: bar[name].item() for name in bars.dtype.names} for bar in bars], None
+    return [{name: bar[name].item() for name in bars.dtype.names or ()} for bar in bars], None
 
 
 @main.command()

@@ -317,7 +317,7 @@ def _get() -> Sampler:
 # -- daemon-kind trio -----------------------------------------------------------------
 
 @tractor.context
-async def _setup_persistent_samplerd(ctx: tractor.Context, clock: str = 'wall',
+async def _setup_persistent_samplerd(ctx: tractor.Context, clock: ClockKind = 'wall',
                                      start_epoch: float | None = None) -> None:
     global _sampler
     async with daemon_lifetime(SAMPLERD) as nursery:

@@ -61,7 +61,10 @@ async def market_info(fqme: str, cfg: SimCfg) -> dict[str, Any]:
 
 async def history(fqme: str, cfg: SimCfg, *, timeframe_secs: int, end_epoch: int,
                   count: int) -> np.ndarray:
-    return _model.history(_market(fqme, cfg), int(end_epoch), timeframe_secs, count)
+    # building a day of the path takes ~1 s: keep datad's loop serving meanwhile
+    market = _market(fqme, cfg)
+    return await trio.to_thread.run_sync(
+        _model.history, market, int(end_epoch), timeframe_secs, count)
 
 
 async def search(pattern: str, cfg: SimCfg) -> list[str]:

@@ -98,9 +98,18 @@ async def test_bars_built_from_driven_ticks_match_the_sim_model(reg_addr, state_
                 span = shm1.array[(shm1.array['time'] >= begin - 30)
                                   & (shm1.array['time'] < START + 120)]
                 assert_bars_equal(span, sim_history(market, START + 120, 1, 120))
+                # a timeframe added while the market streams: history up to the last
+                # published second, then the trades since, then live
+                await advance_clock(START + 122.5)
+                async with open_feed(['btcusd.sim'], backend_cfg=SIM_CFG,
+                                     timeframes=[5], start_stream=False) as late:
+                    await advance_clock(START + 140)
+                    shm5 = late.attach('btcusd.sim', 5)
+                    got = shm5.array[shm5.array['time'] < START + 140][-10:]
+                    assert_bars_equal(got, sim_history(market, START + 140, 5, 10))
                 status = await feed_status()
                 segments = status['segments']
-                assert len(segments) == 2 and all((SHM / s).exists() for s in segments)
+                assert len(segments) == 3 and all((SHM / s).exists() for s in segments)
         # datad unlinks its segments when the tree stops
         assert not [s for s in segments if (SHM / s).exists()]
 

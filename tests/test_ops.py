@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from piker.service._watchdog import unhealthy
 from tests.conftest import REPO, PikerProc, descendants, pid_alive, run_piker, spawn_piker
 
 WATCHDOG_USEC = 1_000_000
@@ -300,6 +301,7 @@ def test_sd_notify_ready_after_strategies_status_watchdog_stopping_from_main_pid
     assert len(running) >= 3, statuses
     for text in running:
         assert 'orders' in text and 'pnl realized' in text and 'unrealized' in text, text
+        assert text.endswith('| markets btcusd.sim ethusd.sim'), text
     assert len(set(running)) >= 2, running
 
     # STOPPING=1 last, after the final ping
@@ -366,6 +368,19 @@ def test_watchdog_withholds_pings_for_hung_strategy_and_dead_datad(
                'watchdog.withheld naming datad.sim', proc)
     assert_pings_withheld(fake_systemd, time.monotonic(), 2.5)
     stop_and_check_exit(proc, tree)
+
+
+def test_unhealthy_names_each_critical_actor_that_is_not_ok():
+    rows = [
+        {'name': 'bot.a', 'state': 'ok', 'age_secs': 0.2},
+        {'name': 'bot.b', 'state': 'stale', 'age_secs': 3.04},
+        {'name': 'datad.sim', 'state': 'gone', 'age_secs': 7.0},
+        {'name': 'client', 'state': 'stale', 'age_secs': 9.0},  # not critical
+    ]
+    assert unhealthy(rows, ['bot.a']) == []
+    assert unhealthy(rows, ['datad.sim', 'bot.b', 'bot.a', 'emsd']) == [
+        'bot.b: stale (3.0s)', 'datad.sim: gone (7.0s)', 'emsd: no heartbeat']
+    assert unhealthy(None, ['bot.a']) == ['healthd: unreachable']
 
 
 # -- 4. graceful stop -------------------------------------------------------------

@@ -94,6 +94,8 @@ async def _operate(ctx: Any, action: str, **kwargs: Any) -> dict[str, Any]:
                         pass
                 status = await ems.run_from_ns(EMS_MODULE, 'status')
             async with find_service('pikerd') as pikerd:
+                if pikerd is None:
+                    fail('the registry answered but pikerd is not registered', code=1)
                 table = await pikerd.run_from_ns('piker.service._rpc', 'service_table')
             bots = [row['name'] for row in table['actors'] if row['kind'] == 'bot']
             summary = await collect_summary(ctx.cfg, bots, timeout_secs=5)

@@ -57,7 +57,7 @@ async def run_watchdog(
     status_line: Callable[[], Awaitable[str]] | None = None,
     *,
     period_secs: float | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ping systemd every ``period_secs`` (default WATCHDOG_USEC/2) while
     healthy; refresh ``STATUS=`` from ``status_line`` on the same beat."""

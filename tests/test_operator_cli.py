@@ -110,6 +110,9 @@ def test_status_halt_resume_flatten_against_running_bot_each_audited(
                'the flatten order to fill', proc)
     st = operator(cfg, reg_addr, 'status')
     assert position(st) == 0.0
+    # the strategy saw the operator's fill too: its own view of the position is flat
+    wait_until(lambda: [r for r in events(proc, 'position.external_fill')
+                        if r['position'] == 0.0], 10, 'the strategy to see the flatten', proc)
     assert new_rest not in {o['oid'] for o in st['status']['open_orders']}
 
     audit = read_audit(audit_path)

@@ -27,7 +27,7 @@ import trio
 from ..clearing import Cancel, Order, open_ems
 from ..config import BotCfg, StrategyCfg, parse_config
 from ..data import ShmArray, open_feed, open_sample_stream
-from ..log import bind_contextvars, get_logger
+from ..log import bind_contextvars, bound_contextvars, get_logger
 from ..service import DaemonSpec, daemon_lifetime
 from ..service._spec import TIER_STRATEGY
 from ._runner import StrategyRunner
@@ -148,9 +148,9 @@ async def _setup_persistent_bot(
                 async with open_sample_stream(tf) as increments:
                     nursery.start_soon(_send_intents, ems, intents_rx)
                     enqueue(runner.start())
-                    await ctx.started({'pid': os.getpid(), 'warmed': state.warmed})
                     log.info('bot.started', markets=list(scfg.markets), timeframe_secs=tf,
                              mode=cfg.mode)
+                    await ctx.started({'pid': os.getpid(), 'warmed': state.warmed})
                     nursery.start_soon(_on_increments, increments, shms, state, bot_clock,
                                        enqueue)
                     nursery.start_soon(_on_quotes, feed, state, enqueue)
@@ -218,8 +218,20 @@ async def _on_quotes(feed: Any, state: BotState, enqueue: Any) -> None:
 
 async def _on_statuses(ems: Any, state: BotState, enqueue: Any) -> None:
     name = state.runner.name
+    ctx = state.runner.ctx
+    others_fills: set[str] = set()
     async for status in ems.statuses:
         if status.source and status.source != name:
+            # someone else's order (an operator flatten, a cron job of another
+            # strategy) moved this account's position in one of our markets
+            if (status.fill_size and status.fqme in ctx.markets
+                    and status.account == ctx.account
+                    and status.fill_id not in others_fills):
+                others_fills.add(status.fill_id or f'{status.oid}:{status.filled}')
+                signed = status.fill_size if status.action == 'buy' else -status.fill_size
+                state.runner.sync_position(status.fqme, ctx.position(status.fqme) + signed)
+                log.info('position.external_fill', fqme=status.fqme, source=status.source,
+                         size=signed, position=ctx.position(status.fqme))
             continue
         if status.state in ('rejected', 'error'):
             log.warning('order.' + status.state, oid=status.oid, reason=status.reason,
@@ -279,7 +291,7 @@ async def stop_strategy() -> dict[str, Any]:
     pikerd cancels it."""
     if _state is None or _state.stop_fn is None:
         raise RuntimeError('no running strategy in this actor')
-    with trio.CancelScope(shield=True):
+    with bound_contextvars(strategy=_state.runner.name), trio.CancelScope(shield=True):
         await _state.stop_fn()
     return await bot_summary()
 

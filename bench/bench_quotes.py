@@ -118,7 +118,7 @@ async def main(args: argparse.Namespace) -> None:
         cfg = {'data_dir': tmp, 'timeframe_secs': 60, 'speed': args.speed}
         tfs = [args.bars_tf] if args.bars_tf else []
         what = f'{args.bars_tf} s bars written too' if tfs else 'quotes only, no bar buffers'
-        for consumers in (1, 4):
+        for consumers in args.consumers:
             print(f'datad -> {consumers} consumer actor(s), {args.window:.0f} s window ({what}):')
             await run_case(consumers, fqmes, cfg, args.window, tfs)
 
@@ -134,4 +134,5 @@ if __name__ == '__main__':
                         help='also write bars of this timeframe (each file bar is 4 ticks, so '
                         'a fast replay opens a bar every 4 ticks: a worst case for datad)')
     parser.add_argument('--window', type=float, default=5.0)
+    parser.add_argument('--consumers', type=int, nargs='+', default=[1, 4])
     trio.run(main, parser.parse_args())

@@ -28,7 +28,7 @@ from ._clocks import DrivenClock, FeedClock, WallClock
 from ._sampler import maybe_spawn_samplerd, register_owner
 from ._shm import ShmArray
 from ._timing import capacity_rows, floor_to, origin_for, row_position
-from ._wire import QUOTE_FIELDS, encode_row, join_rows
+from ._wire import QUOTE_FIELDS, encode_row, join_rows, send_whole
 
 log = get_logger(__name__)
 
@@ -324,7 +324,7 @@ class FeedBus:
             return
         self._registered_periods = periods
         try:
-            await stream.send({'periods': sorted(periods)})
+            await send_whole(stream, {'periods': sorted(periods)}, LINK_WAIT_SECS)
         except _SEND_ERRORS as err:
             log.warning('datad.period_update_failed', error=repr(err))
 
@@ -466,8 +466,7 @@ class FeedBus:
             if consumer.dirty:
                 rows = consumer.take(feeds)
                 try:
-                    with trio.fail_after(CONSUMER_SEND_SECS):
-                        await stream.send(join_rows(rows))
+                    await send_whole(stream, join_rows(rows), CONSUMER_SEND_SECS)
                 except _SEND_ERRORS as err:
                     log.warning('feed.consumer_dropped', consumer=consumer.cid,
                                 fqmes=consumer.fqmes, reason=repr(err)[:300])

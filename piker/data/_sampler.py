@@ -45,6 +45,7 @@ from ._timing import (
     row_position,
 )
 from ._types import Increment
+from ._wire import send_whole
 
 log = get_logger(__name__)
 
@@ -96,11 +97,11 @@ class _Owner:
             return False
         event = self._acks[epoch] = trio.Event()
         try:
+            await send_whole(self.stream, {'advance': epoch, 'periods': periods}, timeout_secs)
             with trio.move_on_after(timeout_secs):
-                await self.stream.send({'advance': epoch, 'periods': periods})
                 await event.wait()
                 return self.alive
-        except (trio.BrokenResourceError, trio.ClosedResourceError,
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 tractor._exceptions.TransportClosed):
             self.gone()
             return False
@@ -140,8 +141,7 @@ class _Subscriber:
             self.pending.clear()
             for inc in batch:
                 try:
-                    with trio.fail_after(SUBSCRIBER_SEND_SECS):
-                        await stream.send(msgspec.to_builtins(inc))
+                    await send_whole(stream, msgspec.to_builtins(inc), SUBSCRIBER_SEND_SECS)
                 except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                         tractor._exceptions.TransportClosed) as err:
                     self.drop(repr(err))

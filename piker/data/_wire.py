@@ -14,7 +14,8 @@ import struct
 from typing import Any
 
 import msgspec
-import trio
+
+from ..service._ipc import send_whole as send_whole  # noqa: F401  (re-export)
 
 QUOTE_FIELDS = ('fqme', 'ts_ns', 'bid', 'ask', 'bid_size', 'ask_size',
                 'last', 'last_size', 'last_ts_ns', 'volume')
@@ -39,16 +40,3 @@ def decode_batch(payload: bytes) -> list[dict[str, Any]]:
     """Quote dicts (``QUOTE_FIELDS`` keys) from a batch payload."""
     fields = QUOTE_FIELDS
     return [dict(zip(fields, row, strict=True)) for row in _decode_rows(payload)]
-
-
-async def send_whole(stream: Any, msg: Any, timeout_secs: float) -> None:
-    """Send ``msg`` on a tractor stream without ever cutting it in half.
-
-    A cancelled ``send_all`` leaves a partial frame on the socket and every
-    later message on that channel (all contexts with that actor) misframed:
-    so outside cancellation waits for the message to go out, and only the
-    deadline (a peer that stopped reading) interrupts it, raising
-    ``trio.TooSlowError`` - the caller then drops that peer.
-    """
-    with trio.CancelScope(shield=True), trio.fail_after(timeout_secs):
-        await stream.send(msg)

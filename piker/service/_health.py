@@ -19,6 +19,7 @@ import tractor
 import trio
 
 from ..log import get_logger
+from ._ipc import send_whole
 from ._lifetime import daemon_lifetime
 from ._spec import TIER_HEALTH, DaemonSpec
 
@@ -163,8 +164,7 @@ async def run_heartbeat(name: str, kind: str, period_secs: float, *,
                     async with ctx.open_stream() as stream:
                         warned = False
                         while True:
-                            with trio.fail_after(max(5 * period_secs, 2.0)):
-                                await stream.send(None)
+                            await send_whole(stream, None, max(5 * period_secs, 2.0))
                             await trio.sleep(period_secs)
         except trio.Cancelled:
             raise

@@ -94,6 +94,11 @@ class Services:
         with trio.CancelScope(shield=True):
             async with self._locks[spec.name]:
                 run = self._running.get(spec.name)
+                if run is not None and not pid_alive(run.info.pid):
+                    # died a moment ago: let its supervisor unregister it first
+                    with trio.move_on_after(STOP_TIMEOUT_SECS):
+                        await run.exited.wait()
+                    run = self._running.get(spec.name)
                 if run is not None and not run.stopping:
                     return run.info
                 with trio.fail_after(START_TIMEOUT_SECS):
@@ -145,13 +150,14 @@ class Services:
                     await portal.cancel_actor()
         if run is not None:
             self._running.pop(spec.name, None)
-            run.exited.set()
             if not run.stopping:
                 self.deaths.append(spec.name)
                 log.error('service.died', service=spec.name, pid=run.info.pid,
                           hint='the daemon exited unexpectedly; '
                           'it will be started again on next use')
-                await self._forget(portal)
+                with trio.CancelScope(shield=True):
+                    await self._forget(portal)
+            run.exited.set()
 
     async def _forget(self, portal: tractor.Portal) -> None:
         """Drop a dead actor's registry entry so lookups don't connect to a corpse."""

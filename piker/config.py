@@ -51,7 +51,8 @@ class HealthCfg(Cfg):
 
 class SimCfg(Cfg):
     seed: int = 7
-    quote_rate_hz: PositiveFloat = 20.0
+    # the sim model ticks on a 100 ms grid: 10 Hz is its most
+    quote_rate_hz: PositiveFloat = 10.0
     markets: list[str] = msgspec.field(default_factory=list)
 
 

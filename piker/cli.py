@@ -193,6 +193,25 @@ def bot_check(config_path: str | None, registry: str | None, state_dir: str | No
                f'strategies: {names}')
 
 
+def replay_span(cfg: BotCfg, markets: list[str]) -> tuple[int, int]:
+    """(first bar open, last bar close) epochs over the replay files of ``markets``."""
+    from .brokers.replay import ReplayFileError, read_ohlc_csv
+    data_dir = Path(cfg.brokers.replay.data_dir)
+    starts, ends = [], []
+    for fqme in markets:
+        path = data_dir / f'{fqme.split(".")[0]}.csv'
+        try:
+            bars = read_ohlc_csv(path)
+        except (OSError, ReplayFileError) as err:
+            fail(f'replay market {fqme!r}: {err}')
+        if len(bars):
+            starts.append(int(bars['time'][0]))
+            ends.append(int(bars['time'][-1]) + cfg.brokers.replay.timeframe_secs)
+    if not starts:
+        fail(f'replay: no bars in the files of {markets} under {data_dir}')
+    return min(starts), max(ends)
+
+
 def known_markets(cfg: BotCfg) -> list[str] | None:
     """The markets a backend can be asked for without a network round trip
     (None: only the backend itself can tell, e.g. ib)."""

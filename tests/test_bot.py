@@ -249,3 +249,33 @@ def test_bot_check_names_strategy_problems(tmp_path, toml, expected):
     assert expected in res.stderr
     assert 'Traceback' not in res.stderr
     assert all(line.startswith('piker: error: ') for line in res.stderr.strip().splitlines())
+
+
+def test_bot_run_on_replay_drives_the_clock_and_ends_with_the_files(reg_addr, tmp_path,
+                                                                   data_dir):
+    cfg = tmp_path / 'replay.toml'
+    cfg.write_text(f'''
+name = "replayed"
+backend = "replay"
+strategies_dir = "{STRATEGIES}"
+[brokers.replay]
+data_dir = "{data_dir}"
+timeframe_secs = {TF}
+speed = 600.0
+[[strategies]]
+name = "sma"
+strategy = "sma_cross"
+markets = ["xyz.replay"]
+timeframe_secs = {TF}
+params = {{ fast = 2, slow = 4, size = 1.0 }}
+''')
+    res = run_piker('bot', 'run', '-c', str(cfg), '--registry', f'{reg_addr[0]}:{reg_addr[1]}',
+                    '--state-dir', str(tmp_path / 'state'), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert 'replay.finished' in {r['event'] for r in records}
+    s = [r for r in records if r['event'] == 'bot.summary'][0]
+    assert s['fills'] == 3
+    pos = {p['fqme']: p for p in s['positions']}['xyz.replay']
+    assert (pos['size'], pos['avg_price']) == (1.0, 12.75)
+    assert pos['realized_pnl'] == pytest.approx(-9.0)

@@ -10,7 +10,16 @@ from typing import Any
 
 import click
 
-from ..cli import EXIT_USAGE, bot, common_options, fail, known_markets, load_ctx, run_trio
+from ..cli import (
+    EXIT_USAGE,
+    bot,
+    common_options,
+    fail,
+    known_markets,
+    load_ctx,
+    replay_span,
+    run_trio,
+)
 
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$')
 _UNIT_SECS = {'ms': 0.001, 's': 1.0, 'm': 60.0, 'h': 3600.0, 'd': 86400.0, None: 1.0}
@@ -51,9 +60,15 @@ def bot_run(config_path: str | None, registry: str | None, state_dir: str | None
         sys.exit(EXIT_USAGE)
     setup_logging(ctx.cfg.log_level, actor=f'bot-run.{ctx.cfg.name}')
     log = get_logger('piker.bot')
+    span = None
+    if ctx.cfg.backend == 'replay':
+        # replay runs on samplerd's driven clock, advanced at `speed` x real time
+        clock = 'driven'
+        span = replay_span(ctx.cfg, sorted({m for s in ctx.cfg.strategies for m in s.markets}))
     summary = run_trio(lambda: run_bot(
         ctx.cfg, registry=ctx.registry, strategies_dir=ctx.strategies_dir,
         state_dir=ctx.state_dir(), duration_secs=secs, clock=clock, sd=sd,
+        replay_span=span,
     ))
     log.info('bot.summary', **summary.to_dict())
     if sys.stdout.isatty():

@@ -59,6 +59,7 @@ async def run_bot(
     duration_secs: float | None = None,
     clock: str = 'wall',
     sd: SdNotifier | None = None,
+    replay_span: tuple[int, int] | None = None,
 ) -> RunSummary:
     """Run every ``[[strategies]]`` entry until ``duration_secs`` passes or a
     stop signal arrives; return the session summary."""
@@ -81,6 +82,10 @@ async def run_bot(
                         return
 
                 nursery.start_soon(watch_signals)
+                if replay_span is not None:
+                    from ..data import maybe_spawn_samplerd
+                    async with maybe_spawn_samplerd(clock='driven', start_epoch=replay_span[0]):
+                        pass
                 with trio.move_on_after(STARTUP_TIMEOUT_SECS) as startup:
                     started = await _start_all(cfg, names, strategies_dir, clock, stop)
                 if startup.cancelled_caught:
@@ -112,6 +117,8 @@ async def run_bot(
                                                lambda: _status_line(cfg, names))
 
                     nursery.start_soon(watch)
+                    if replay_span is not None:
+                        nursery.start_soon(_drive_replay, cfg, replay_span, stop)
                     with trio.move_on_after(duration_secs if duration_secs else math.inf):
                         await stop.wait()
                     watchdog.cancel()
@@ -123,6 +130,28 @@ async def run_bot(
                     final = await collect_summary(cfg, [], strategies=finals)
                 nursery.cancel_scope.cancel()
     return final
+
+
+async def _drive_replay(cfg: BotCfg, span: tuple[int, int], stop: trio.Event) -> None:
+    """Advance samplerd's driven clock through the replay files, one step of
+    the shortest strategy timeframe per ``step / speed`` seconds; the session
+    ends when the files do."""
+    from ..data import advance_clock
+    step = min(s.timeframe_secs for s in cfg.strategies)
+    pause_secs = step / cfg.brokers.replay.speed
+    start, end = span
+    epoch = start
+    log.info('replay.start', start_epoch=start, end_epoch=end, step_secs=step,
+             speed=cfg.brokers.replay.speed)
+    while epoch < end and not stop.is_set():
+        epoch = min(epoch + step, end)
+        await advance_clock(epoch)
+        await trio.sleep(pause_secs)
+    # one more step lets the last bar's increment reach the strategies
+    await advance_clock(epoch + step)
+    await trio.sleep(max(pause_secs, 0.5))
+    log.info('replay.finished', end_epoch=end)
+    stop.set()
 
 
 async def _stop_strategies(names: list[str], timeout_secs: float = 15.0,

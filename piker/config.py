@@ -185,7 +185,40 @@ def load_config(path: str | os.PathLike[str]) -> BotCfg:
         raise ConfigError(f'{p}: not UTF-8 text') from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f'{p}: invalid TOML: {err}') from None
+    _merge_credentials(data)
     return parse_config(data, source=str(p))
+
+
+# secrets systemd hands over with LoadCredential= (never through the environment):
+# `$CREDENTIALS_DIRECTORY/<backend>.toml` holds keys of that `[brokers.<backend>]` table
+CREDENTIAL_BACKENDS = ('ib',)
+
+
+def _merge_credentials(data: dict[str, Any], environ: dict[str, str] | None = None) -> None:
+    env = os.environ if environ is None else environ
+    cred_dir = env.get('CREDENTIALS_DIRECTORY')
+    if not cred_dir:
+        return
+    for backend in CREDENTIAL_BACKENDS:
+        path = Path(cred_dir) / f'{backend}.toml'
+        try:
+            secret = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f'{path}: cannot read credential: {err}') from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f'{path}: invalid TOML in credential: {err}') from None
+        brokers = data.setdefault('brokers', {})
+        if not isinstance(brokers, dict):
+            return  # the schema check reports `$.brokers` itself
+        table = brokers.setdefault(backend, {})
+        if isinstance(table, dict):
+            for key, value in secret.items():
+                if isinstance(value, dict) and isinstance(table.get(key), dict):
+                    table[key] = {**table[key], **value}
+                else:
+                    table[key] = value
 
 
 def parse_config(data: dict[str, Any], source: str = '<config>') -> BotCfg:

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from piker.config import (
-    BotCfg, ConfigError, load_config, read_toml, remove_stale_temps, state_dir,
+    BotCfg,
+    ConfigError,
+    load_config,
+    read_toml,
+    remove_stale_temps,
+    state_dir,
     write_toml_atomic,
 )
 from tests.conftest import run_piker
@@ -134,3 +139,20 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
         write_toml_atomic(target, {'a': object()})
     assert read_toml(target) == {'a': 1}
     assert os.listdir(tmp_path) == ['x.toml']
+
+
+def test_credentials_directory_fills_the_ib_table(tmp_path, monkeypatch):
+    creds = tmp_path / 'creds'
+    creds.mkdir()
+    (creds / 'ib.toml').write_text('[accounts]\nlive = "U7654321"\n')
+    p = write(tmp_path, '[brokers.ib]\nports = [4002]\n[brokers.ib.accounts]\npaper = "DU1"\n')
+    monkeypatch.setenv('CREDENTIALS_DIRECTORY', str(creds))
+    cfg = load_config(p)
+    assert cfg.brokers.ib.accounts == {'paper': 'DU1', 'live': 'U7654321'}
+    assert cfg.brokers.ib.ports == [4002]
+    (creds / 'ib.toml').write_text('accounts = ')
+    with pytest.raises(ConfigError, match='ib.toml: invalid TOML in credential'):
+        load_config(p)
+    (creds / 'ib.toml').write_text('acounts = {}\n')
+    with pytest.raises(ConfigError, match='unknown field `acounts`'):
+        load_config(p)

@@ -279,3 +279,33 @@ params = {{ fast = 2, slow = 4, size = 1.0 }}
     pos = {p['fqme']: p for p in s['positions']}['xyz.replay']
     assert (pos['size'], pos['avg_price']) == (1.0, 12.75)
     assert pos['realized_pnl'] == pytest.approx(-9.0)
+
+
+def test_cron_job_flattens_on_schedule(reg_addr, tmp_path):
+    """A `flatten` cron job (every 3 s, wall clock) closes what the strategy bought."""
+    cfg = tmp_path / 'cron.toml'
+    cfg.write_text(f'''
+name = "cron"
+strategies_dir = "{STRATEGIES}"
+[[strategies]]
+name = "once"
+strategy = "buy_once"
+markets = ["spy.sim"]
+timeframe_secs = 1
+params = {{ size = 2 }}
+[[strategies.schedule.jobs]]
+action = "flatten"
+minute = "*"
+second = "*/3"
+''')
+    res = run_piker('bot', 'run', '-c', str(cfg), '--for', '8s',
+                    '--registry', f'{reg_addr[0]}:{reg_addr[1]}',
+                    '--state-dir', str(tmp_path / 'state'), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    fired = [r for r in records if r['event'] == 'job.fire']
+    assert fired and all(r['action'] == 'flatten' for r in fired)
+    s = [r for r in records if r['event'] == 'bot.summary'][0]
+    assert s['strategies'][0]['fills'] == 2  # the buy, then the flatten
+    pos = {p['fqme']: p for p in s['positions']}['spy.sim']
+    assert pos['size'] == 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,14 @@ async def _setup_persistent_bot(
                         state.last_prices[fqme] = price
                 async with open_sample_stream(tf) as increments:
                     nursery.start_soon(_send_intents, ems, intents_rx)
+                    if scfg.schedule.jobs:
+                        # bad cron fields fail the startup, before `started`
+                        await nursery.start(partial(
+                            run_jobs, scfg.schedule.jobs,
+                            lambda job: enqueue(runner.run_job(job)),
+                            now_fn=bot_clock.now,
+                            where=f'$.strategies[{index}].schedule.jobs',
+                        ))
                     enqueue(runner.start())
                     log.info('bot.started', markets=list(scfg.markets), timeframe_secs=tf,
                              mode=cfg.mode)
@@ -155,11 +164,6 @@ async def _setup_persistent_bot(
                                        enqueue)
                     nursery.start_soon(_on_quotes, feed, state, enqueue)
                     nursery.start_soon(_on_statuses, ems, state, enqueue)
-                    if scfg.schedule.jobs:
-                        await nursery.start(
-                            run_jobs, scfg.schedule.jobs,
-                            lambda job: enqueue(runner.run_job(job)),
-                        )
                     async def stop(wait_acks: bool = True) -> None:
                         if not state.stopped:
                             state.stopped = True

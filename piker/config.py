@@ -34,7 +34,7 @@ class Cfg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     """Base for config tables."""
 
 
-class RegistryCfg(Cfg):
+class RegistryCfg(Cfg, frozen=True):
     host: str = '127.0.0.1'
     port: Port = DEFAULT_REGISTRY_PORT
 
@@ -43,32 +43,32 @@ class RegistryCfg(Cfg):
         return (self.host, self.port)
 
 
-class HealthCfg(Cfg):
+class HealthCfg(Cfg, frozen=True):
     heartbeat_secs: PositiveFloat = 1.0
     # an actor silent for longer than this is reported stale
     stale_after_secs: PositiveFloat = 5.0
 
 
-class SimCfg(Cfg):
+class SimCfg(Cfg, frozen=True):
     seed: int = 7
     # the sim model ticks on a 100 ms grid: 10 Hz is its most
     quote_rate_hz: PositiveFloat = 10.0
     markets: list[str] = msgspec.field(default_factory=list)
 
 
-class ReplayCfg(Cfg):
+class ReplayCfg(Cfg, frozen=True):
     # directory holding ``<symbol>.csv`` files (see piker/brokers/replay)
     data_dir: str = 'data/replay'
     speed: PositiveFloat = 1.0
     timeframe_secs: PositiveInt = 60
 
 
-class IbAccountsCfg(Cfg):
+class IbAccountsCfg(Cfg, frozen=True):
     # maps an account alias used in bot.toml to IB's account code (e.g. paper = "DU123456")
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class IbCfg(Cfg):
+class IbCfg(Cfg, frozen=True):
     host: str = '127.0.0.1'
     # tried in order: gateway live/paper, TWS live/paper
     ports: list[Port] = msgspec.field(default_factory=lambda: [4002, 4001, 7497, 7496])
@@ -78,13 +78,13 @@ class IbCfg(Cfg):
     reconnect_max_backoff_secs: PositiveFloat = 30.0
 
 
-class BrokersCfg(Cfg):
+class BrokersCfg(Cfg, frozen=True):
     sim: SimCfg = msgspec.field(default_factory=SimCfg)
     replay: ReplayCfg = msgspec.field(default_factory=ReplayCfg)
     ib: IbCfg = msgspec.field(default_factory=IbCfg)
 
 
-class RiskCfg(Cfg):
+class RiskCfg(Cfg, frozen=True):
     max_order_size: PositiveFloat = 100.0
     max_position: PositiveFloat = 1_000.0
     max_notional: PositiveFloat = 1_000_000.0
@@ -95,26 +95,26 @@ class RiskCfg(Cfg):
     daily_loss_limit: PositiveFloat = 10_000.0
 
 
-class FeesCfg(Cfg):
+class FeesCfg(Cfg, frozen=True):
     per_unit: NonNegFloat = 0.0
     per_order: NonNegFloat = 0.0
     bps: NonNegFloat = 0.0
 
 
-class PaperCfg(Cfg):
+class PaperCfg(Cfg, frozen=True):
     fees: FeesCfg = msgspec.field(default_factory=FeesCfg)
     # per-fqme overrides of the fee schedule
     fees_by_market: dict[str, FeesCfg] = msgspec.field(default_factory=dict)
 
 
-class WindowCfg(Cfg):
+class WindowCfg(Cfg, frozen=True):
     days: str = 'mon-fri'
     start: str = '09:30'
     end: str = '16:00'
     timezone: str = 'America/New_York'
 
 
-class CronJobCfg(Cfg):
+class CronJobCfg(Cfg, frozen=True):
     action: Literal['flatten', 'cancel_all', 'halt', 'resume']
     # crontab fields as APScheduler's CronTrigger takes them
     day_of_week: str = '*'
@@ -124,12 +124,12 @@ class CronJobCfg(Cfg):
     timezone: str = 'UTC'
 
 
-class ScheduleCfg(Cfg):
+class ScheduleCfg(Cfg, frozen=True):
     window: WindowCfg | None = None
     jobs: list[CronJobCfg] = msgspec.field(default_factory=list)
 
 
-class StrategyCfg(Cfg):
+class StrategyCfg(Cfg, frozen=True):
     name: str
     # a module in strategies/ (``sma_cross``) or a dotted path (``pkg.mod:Class``)
     strategy: str
@@ -143,7 +143,7 @@ class StrategyCfg(Cfg):
     schedule: ScheduleCfg = msgspec.field(default_factory=ScheduleCfg)
 
 
-class BotCfg(Cfg):
+class BotCfg(Cfg, frozen=True):
     name: str = 'piker-bot'
     mode: Literal['paper', 'live'] = 'paper'
     registry: RegistryCfg = msgspec.field(default_factory=RegistryCfg)

@@ -23,7 +23,7 @@ class FqmeError(ValueError):
     """An fqme that is malformed, unknown, or ambiguous; the text names the fix."""
 
 
-class Fqme(Struct):
+class Fqme(Struct, frozen=True):
     symbol: str
     venue: str | None
     backend: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import trio
@@ -159,7 +160,7 @@ async def run_jobs(
     now_fn: Callable[[], datetime],
     grace_secs: float = DEFAULT_GRACE_SECS,
     where: str = '$.schedule.jobs',
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Call ``fire(job)`` at each of the jobs' fire times, forever.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -44,6 +45,7 @@ class PaperSession:
                  nursery: trio.Nursery, backend_cfg: dict[str, Any]) -> None:
         self.broker = broker
         self.hub = DialogHub()
+        state = Path(state)
         self._state_dir = state
         self._ledgers: dict[str, Ledger] = {}
         self.engine = PaperEngine(broker, paper_cfg, state, self.ledger_for)

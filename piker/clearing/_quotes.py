@@ -193,6 +193,7 @@ class QuoteFeeds:
                     self._deliver(first)
                     self._mark(state, first)
                     state.ready.set()
+                assert feed.stream is not None  # opened with start_stream=True
                 async for batch in feed.stream:
                     quotes = normalize_batch(batch)
                     if quotes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from piker.types import Struct
 
 
-class Tick(Struct):
+class Tick(Struct, frozen=True):
     """One backend event: a quote, and a trade too when ``last`` is set.
 
     Backends may publish any object with these attributes (the sim model's
@@ -21,7 +21,7 @@ class Tick(Struct):
     last_size: float | None = None
 
 
-class Quote(Struct):
+class Quote(Struct, frozen=True):
     """The latest state of one market, as a consumer receives it.
 
     ``last``/``last_size``/``last_ts_ns`` describe the latest trade (which may be
@@ -42,7 +42,7 @@ class Quote(Struct):
     volume: float = 0.0
 
 
-class Increment(Struct):
+class Increment(Struct, frozen=True):
     """A period boundary: the bar opening at ``epoch`` begins at buffer row
     ``index``; the bar that just closed is ``index - 1``."""
 

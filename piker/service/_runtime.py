@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import msgspec
 import tractor
@@ -156,7 +157,7 @@ async def open_runtime(
 
 
 async def _own_heartbeat(period_secs: float, *,
-                         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+                         task_status: Any = trio.TASK_STATUS_IGNORED,
                          ) -> None:
     with trio.CancelScope() as scope:
         await run_heartbeat(PIKERD, PIKERD, period_secs, task_status=_Started(task_status, scope))
@@ -165,7 +166,7 @@ async def _own_heartbeat(period_secs: float, *,
 class _Started:
     """Reports ``value`` to ``task_status`` whatever the inner task passes."""
 
-    def __init__(self, task_status: trio.TaskStatus, value: object) -> None:
+    def __init__(self, task_status: Any, value: object) -> None:
         self._ts, self._value = task_status, value
 
     def started(self, _: object = None) -> None:

@@ -171,8 +171,8 @@ def test_bad_account_name_is_refused(tmp_path: Path):
 _WRITER = textwrap.dedent('''
     import sys
     from piker.accounting import Fill, Ledger
-    state_dir, start = sys.argv[1], int(sys.argv[2])
-    led = Ledger.open(state_dir, 'sim', 'paper', compact_every=13)
+    state_dir, start, sync = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    led = Ledger.open(state_dir, 'sim', 'paper', compact_every=13, sync=sync)
     i = start
     while True:
         fid = f'f{i}'
@@ -184,7 +184,8 @@ _WRITER = textwrap.dedent('''
 ''')
 
 
-def test_sigkill_at_random_points_never_loses_an_acknowledged_fill(tmp_path: Path):
+@pytest.mark.parametrize('sync', ['always', 'deferred'])
+def test_sigkill_at_random_points_never_loses_an_acknowledged_fill(tmp_path: Path, sync: str):
     script = tmp_path / 'writer.py'
     script.write_text(_WRITER)
     rng = random.Random(11)
@@ -192,7 +193,7 @@ def test_sigkill_at_random_points_never_loses_an_acknowledged_fill(tmp_path: Pat
     kills = 12
     for _ in range(kills):
         proc = subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path), str(len(acked) + 10_000 * _)],
+            [sys.executable, str(script), str(tmp_path), str(len(acked) + 10_000 * _), sync],
             stdout=subprocess.PIPE, text=True,
         )
         assert proc.stdout is not None
@@ -215,3 +216,16 @@ def test_sigkill_at_random_points_never_loses_an_acknowledged_fill(tmp_path: Pat
             assert not missing, f'acknowledged fills lost: {missing[:5]}'
             assert led.positions() == positions_from_fills(led.fills())
     assert len(acked) >= kills
+
+
+def test_deferred_sync_marks_dirty_until_synced(tmp_path: Path):
+    with pytest.raises(LedgerError, match="`sync` must be 'always' or 'deferred'"):
+        Ledger.open(tmp_path, 'sim', 'paper', sync='sometimes')
+    with Ledger.open(tmp_path, 'sim', 'paper', sync='deferred') as led:
+        assert not led.dirty and led.sync_fd() is None
+        assert led.apply(fill('d1', 1, 100.0))
+        assert led.dirty
+        led.sync()
+        assert not led.dirty
+    with Ledger.open(tmp_path, 'sim', 'paper') as led:
+        assert [f.fill_id for f in led.fills()] == ['d1']

@@ -3,10 +3,14 @@
 Layout under ``<state_dir>/accounting/<broker>/<account>/``:
 
 - ``journal.jsonl``: append-only, one JSON fill per line, each written with a
-  single ``os.write`` + ``fdatasync`` before :meth:`Ledger.apply` returns, so
-  a fill that was acknowledged is on disk even if the process is SIGKILLed the
-  next instant. Only the last line can be torn; loading drops it (it was never
-  acknowledged) and truncates the file back to the last whole line.
+  single ``os.write`` before :meth:`Ledger.apply` returns, so a fill that was
+  acknowledged survives the process being SIGKILLed the next instant (the
+  kernel holds the write). ``sync='always'`` (the default) also fdatasyncs
+  before returning, so it survives a power loss too; ``sync='deferred'`` leaves
+  that to :meth:`Ledger.sync`, which the owner calls off its event loop within
+  milliseconds (paperboi: a simulated fill need not wait ~0.5 ms for the disk).
+  Only the last line can be torn; loading drops it (it was never acknowledged)
+  and truncates the file back to the last whole line.
 - ``ledger.toml``: every fill, the human-readable record DESIGN asks for.
 - ``positions.toml``: positions derived from those fills, for humans.
 
@@ -74,6 +78,7 @@ class Ledger:
         account: str,
         journal_fd: int,
         compact_every: int,
+        sync: str = 'always',
     ) -> None:
         self.path = path
         self.broker = broker
@@ -84,6 +89,9 @@ class Ledger:
         self._ids: set[str] = set()
         self._positions: dict[str, Position] = {}
         self._journaled = 0
+        self._sync_always = sync == 'always'
+        # bytes written but not yet fdatasync'ed (sync='deferred')
+        self.dirty = False
 
     # -- opening -----------------------------------------------------------
 
@@ -95,15 +103,21 @@ class Ledger:
         account: str,
         *,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        sync: str = 'always',
     ) -> Ledger:
-        """Load (or create) the ledger and replay its journal."""
+        """Load (or create) the ledger and replay its journal.
+
+        ``sync``: 'always' fdatasyncs each fill before :meth:`apply` returns;
+        'deferred' leaves it to :meth:`sync` (see the module doc)."""
         if compact_every < 1:
             raise LedgerError(f'`compact_every` must be >= 1, got {compact_every}')
+        if sync not in ('always', 'deferred'):
+            raise LedgerError(f"`sync` must be 'always' or 'deferred', got {sync!r}")
         path = ledger_dir(Path(state_dir), broker, account)
         path.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
         fd = _open_journal(path / JOURNAL_NAME)
-        ledger = cls(path, broker, account, fd, compact_every)
+        ledger = cls(path, broker, account, fd, compact_every, sync)
         try:
             ledger._load()
         except BaseException:
@@ -212,11 +226,28 @@ class Ledger:
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             _write_all(self._fd, line)
-            os.fdatasync(self._fd)
+            if self._sync_always:
+                os.fdatasync(self._fd)
+            else:
+                self.dirty = True
         except OSError:
             # never leave a partial line for the next append to glue onto
             os.ftruncate(self._fd, start)
             raise
+
+    def sync_fd(self) -> int | None:
+        """The journal's fd for a deferred :meth:`sync` run off the event loop
+        (``None`` when closed or nothing is pending); clears ``dirty``."""
+        if self._fd is None or not self.dirty:
+            return None
+        self.dirty = False
+        return self._fd
+
+    def sync(self) -> None:
+        """fdatasync what deferred appends wrote."""
+        fd = self.sync_fd()
+        if fd is not None:
+            os.fdatasync(fd)
 
     def _check_owner(self, fill: Fill) -> None:
         for field, mine in (('broker', self.broker), ('account', self.account)):
@@ -245,6 +276,7 @@ class Ledger:
         write_toml_atomic(self.path / POSITIONS_NAME, positions_doc(self))
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
+        self.dirty = False
         log.debug('ledger.compact', path=str(self.path), fills=len(self._fills))
         self._journaled = 0
 

@@ -37,6 +37,9 @@ from ._quotes import FeedError, QuoteFeeds, QuoteTick
 
 log = get_logger(__name__)
 
+# the longest a written paper fill waits for fdatasync
+LEDGER_SYNC_SECS = 0.02
+
 
 class PaperSession:
     """The :class:`~piker.clearing._dialog.BrokerSession` of paperboi."""
@@ -54,8 +57,24 @@ class PaperSession:
     def ledger_for(self, account: str) -> Ledger:
         ledger = self._ledgers.get(account)
         if ledger is None:
-            ledger = self._ledgers[account] = Ledger.open(self._state_dir, self.broker, account)
+            ledger = self._ledgers[account] = Ledger.open(
+                self._state_dir, self.broker, account, sync='deferred')
         return ledger
+
+    async def sync_ledgers(self, period_secs: float = LEDGER_SYNC_SECS) -> None:
+        """fdatasync written paper fills within ``period_secs``, off the event
+        loop: a fill is written before it is acknowledged (SIGKILL-safe), and
+        on the platter a few milliseconds later (power-loss-safe)."""
+        while True:
+            for ledger in list(self._ledgers.values()):
+                fd = ledger.sync_fd()
+                if fd is not None:
+                    try:
+                        await trio.to_thread.run_sync(os.fdatasync, fd)
+                    except OSError as err:  # closed under us at shutdown
+                        log.warning('ledger.sync_failed', account=ledger.account,
+                                    error=str(err))
+            await trio.sleep(period_secs)
 
     def known_accounts(self) -> list[str]:
         base = os.path.join(self._state_dir, 'accounting', self.broker)
@@ -151,6 +170,7 @@ async def _setup_persistent_paperboi(
                 resting = len(session.engine.open_orders())
                 if resting:
                     nursery.start_soon(session.restore)
+                nursery.start_soon(session.sync_ledgers)
                 log.info('paperboi.ready', broker=backend, resting=resting)
                 await ctx.started({'pid': os.getpid(), 'broker': backend, 'resting': resting})
                 await trio.sleep_forever()

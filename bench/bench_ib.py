@@ -17,6 +17,9 @@ Run: uv run python bench/bench_ib.py [--orders N] [--rate HZ] [--burst N] [--quo
 """
 from __future__ import annotations
 
+# ruff: noqa: I001  (piker first: it silences tractor's MultiError deprecation noise)
+import piker  # noqa: F401
+
 import argparse
 import os
 import socket

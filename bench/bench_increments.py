@@ -11,6 +11,9 @@ boundary, so this is the release precision plus any lateness.
 """
 from __future__ import annotations
 
+# ruff: noqa: I001  (piker first: it silences tractor's MultiError deprecation noise)
+import piker  # noqa: F401
+
 import argparse
 import os
 import socket

@@ -5,6 +5,9 @@ Run: uv run python bench/bench_ledger.py [--fills N] [--compact-every K] [--dir 
 """
 from __future__ import annotations
 
+# ruff: noqa: I001  (piker first: it silences tractor's MultiError deprecation noise)
+import piker  # noqa: F401
+
 import argparse
 import logging
 import random

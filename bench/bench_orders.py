@@ -13,6 +13,9 @@ Targets: p50 <= 1.5 ms, p99 <= 5 ms, >= 500 orders/s.
 """
 from __future__ import annotations
 
+# ruff: noqa: I001  (piker first: it silences tractor's MultiError deprecation noise)
+import piker  # noqa: F401
+
 import argparse
 import os
 import socket

@@ -10,6 +10,9 @@ consumer that cannot keep up is conflated, which the figures show.
 """
 from __future__ import annotations
 
+# ruff: noqa: I001  (piker first: it silences tractor's MultiError deprecation noise)
+import piker  # noqa: F401
+
 import argparse
 import os
 import socket

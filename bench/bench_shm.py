@@ -4,6 +4,9 @@ Run: ``uv run python bench/bench_shm.py``. Prints rows/s (or calls/s) per case.
 """
 from __future__ import annotations
 
+# ruff: noqa: I001  (piker first: it silences tractor's MultiError deprecation noise)
+import piker  # noqa: F401
+
 import time
 
 import numpy as np

@@ -65,11 +65,14 @@ async def summary_of(name: str) -> dict[str, Any]:
         return await portal.run_from_ns('piker.bot._actor', 'bot_summary')
 
 
-async def settle(name: str, increments: int) -> dict[str, Any]:
-    """Wait until the bot handled ``increments`` bars and its orders are done."""
+async def settle(name: str, increments: int,
+                 fills_seen: list[tuple] | None = None) -> dict[str, Any]:
+    """Wait until the bot handled ``increments`` bars and its orders are done
+    (and, given ``fills_seen``, the test's own client heard of every fill)."""
     while True:
         s = await summary_of(name)
-        if s['increments'] >= increments and s['open_orders'] == 0:
+        if (s['increments'] >= increments and s['open_orders'] == 0
+                and (fills_seen is None or len(fills_seen) >= s['fills'])):
             return s
         await trio.sleep(0.02)
 
@@ -102,7 +105,7 @@ async def test_sma_cross_trades_exactly_the_scripted_path(reg_addr, state_dir, d
                     for k in range(1, len(CLOSES) + 1):
                         bar[0] = k - 1  # the bar that closes at this boundary
                         await advance_clock(START + TF * k)
-                        await settle('sma', k)
+                        await settle('sma', k, fills)
                     await trio.sleep(0.3)
                     n.cancel_scope.cancel()
                 status = await ems.ems_status()

@@ -137,9 +137,8 @@ async def test_failing_strategy_stops_alone(reg_addr, state_dir, data_dir):
             for k in range(1, len(CLOSES) + 1):
                 await advance_clock(START + TF * k)
                 await settle('sma', k)
-                boom = await summary_of('boom')
-                while boom['increments'] < k:
-                    boom = await summary_of('boom')
+                while (await summary_of('boom'))['increments'] < k:
+                    await trio.sleep(0.02)
             boom = await summary_of('boom')
             assert boom['state'] == 'failed'
             assert 'ZeroDivisionError: boom' in boom['error']

@@ -58,3 +58,13 @@ def broken_init() -> DaemonSpec:
         fixture='tests._daemons:_setup_persistent_broken',
         enable_modules=['tests._daemons'],
     )
+
+
+@tractor.context
+async def snapshot(ctx: tractor.Context) -> None:
+    await ctx.started({'pid': os.getpid()})
+
+
+async def tracked_contexts() -> int:
+    # tractor-private, read only to prove that periodic calls don't accumulate
+    return len(tractor.current_actor()._contexts)

@@ -212,3 +212,22 @@ async def test_registry_probe_recognises_a_running_tree(reg_addr, state_dir):
     with trio.fail_after(30):
         async with open_runtime('tester', reg_addr):
             assert await trio.to_thread.run_sync(registry_is_tractor, reg_addr)
+
+
+async def test_periodic_context_calls_leave_no_runtime_state_behind(reg_addr, state_dir):
+    """`call_ctx` is what periodic pollers (watchdog, STATUS) use: unlike
+    tractor 0.1.0a5's Portal.run, it leaves nothing in either actor."""
+    from piker.service import call_ctx
+    from tests._daemons import snapshot
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr):
+            async with maybe_spawn_echod(tag='poll') as portal:
+                me = tractor.current_actor()
+                callee_before = await portal.run_from_ns('tests._daemons', 'tracked_contexts')
+                caller_before = len(me._contexts)
+                for _ in range(200):
+                    assert (await call_ctx(portal, snapshot))['pid'] > 0
+                callee_after = await portal.run_from_ns('tests._daemons', 'tracked_contexts')
+                # only the two counting calls themselves (Portal.run) are left over
+                assert callee_after - callee_before <= 2
+                assert len(me._contexts) - caller_before <= 2

@@ -300,6 +300,12 @@ async def stop_strategy() -> dict[str, Any]:
     return await bot_summary()
 
 
+@tractor.context
+async def summary_snapshot(ctx: tractor.Context) -> None:
+    """:func:`bot_summary` for periodic callers (see ``service.call_ctx``)."""
+    await ctx.started(await bot_summary())
+
+
 async def bot_summary() -> dict[str, Any]:
     if _state is None:
         raise RuntimeError('no strategy runs in this actor')

@@ -8,7 +8,7 @@ import trio
 
 from ..config import BotCfg
 from ..log import get_logger
-from ..service import find_service
+from ..service import call_ctx, find_service
 
 log = get_logger(__name__)
 
@@ -88,7 +88,8 @@ async def _strategy_summary(name: str, timeout_secs: float) -> dict[str, Any] | 
         async with find_service(name) as portal:
             if portal is None:
                 return None
-            return await portal.run_from_ns('piker.bot._actor', 'bot_summary')
+            from ._actor import summary_snapshot
+            return await call_ctx(portal, summary_snapshot)
     return None
 
 
@@ -97,7 +98,8 @@ async def _ems_status(timeout_secs: float) -> dict[str, Any] | None:
         async with find_service('emsd') as portal:
             if portal is None:
                 return None
-            return await portal.run_from_ns('piker.clearing._ems', 'status')
+            from ..clearing._ems import status_snapshot
+            return await call_ctx(portal, status_snapshot)
     return None
 
 

@@ -170,6 +170,12 @@ async def status() -> dict[str, Any]:
     return (await _require_router()).status()
 
 
+@tractor.context
+async def status_snapshot(ctx: tractor.Context) -> None:
+    """:func:`status` for periodic callers (see ``service.call_ctx``)."""
+    await ctx.started(await status())
+
+
 async def cancel_all(account: str | None = None, by: str = 'operator') -> list[str]:
     return await (await _require_router()).cancel_all(account, by)
 

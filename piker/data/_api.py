@@ -22,6 +22,7 @@ import trio
 from piker.brokers._protocol import BackendError, get_backend
 from piker.config import ConfigError
 from piker.log import get_logger
+from piker.service import call_ctx
 from piker.service._proc import wait_pid_exit
 from piker.types import Fqme, FqmeError, resolve_fqme
 
@@ -338,14 +339,16 @@ async def open_sample_stream(period_secs: int | Sequence[int]) -> AsyncIterator[
 async def advance_clock(epoch: float) -> dict[str, Any]:
     """Move samplerd's driven clock to ``epoch``; returns once every boundary up
     to it has been delivered (``{'now_epoch', 'boundaries'}``)."""
+    from ._sampler import advance_to_ctx
     async with maybe_spawn_samplerd(clock='driven') as portal:
-        return await portal.run_from_ns('piker.data._sampler', 'advance_to', epoch=epoch)
+        return await call_ctx(portal, advance_to_ctx, epoch=epoch)
 
 
 async def clock_info() -> dict[str, Any]:
     """samplerd's clock, now, origin, periods, owners and subscriber count."""
+    from ._sampler import clock_info_ctx
     async with maybe_spawn_samplerd() as portal:
-        return await portal.run_from_ns('piker.data._sampler', 'clock_info')
+        return await call_ctx(portal, clock_info_ctx)
 
 
 __all__ = ['Feed', 'QuoteStream', 'latest_by_fqme', 'IncrementStream', 'open_feed',

@@ -33,7 +33,7 @@ import tractor
 import trio
 
 from piker.log import get_logger
-from piker.service import DaemonSpec, daemon_lifetime, maybe_spawn_daemon
+from piker.service import DaemonSpec, call_ctx, daemon_lifetime, maybe_spawn_daemon
 from piker.service._spec import TIER_FEEDS
 
 from ._timing import (
@@ -353,7 +353,7 @@ async def maybe_spawn_samplerd(clock: str | None = None,
     async with maybe_spawn_daemon('piker.data._sampler:samplerd_init',
                                   clock=clock or 'wall', start_epoch=start_epoch) as portal:
         if clock is not None:
-            info = await portal.run_from_ns('piker.data._sampler', 'clock_info')
+            info = await call_ctx(portal, clock_info_ctx)
             if info['clock'] != clock:
                 raise SamplerError(
                     f"samplerd already runs the {info['clock']!r} clock, {clock!r} was asked: "
@@ -370,6 +370,18 @@ async def clock_info() -> dict[str, Any]:
 async def advance_to(epoch: float) -> dict[str, Any]:
     """Driven clock: process every boundary in ``(now, epoch]``, return when delivered."""
     return await _get().advance_to(epoch)
+
+
+# context variants for callers that repeat them (a replay advances once per
+# bar): tractor 0.1.0a5 keeps state for every Portal.run call forever
+@tractor.context
+async def advance_to_ctx(ctx: tractor.Context, epoch: float) -> None:
+    await ctx.started(await advance_to(epoch))
+
+
+@tractor.context
+async def clock_info_ctx(ctx: tractor.Context) -> None:
+    await ctx.started(await clock_info())
 
 
 @tractor.context

@@ -4,6 +4,8 @@ from ._discovery import find_service as find_service
 from ._discovery import maybe_spawn_daemon as maybe_spawn_daemon
 from ._discovery import request_spawn as request_spawn
 from ._health import maybe_spawn_healthd as maybe_spawn_healthd
+from ._ipc import call_ctx as call_ctx
+from ._ipc import send_whole as send_whole
 from ._lifetime import daemon_lifetime as daemon_lifetime
 from ._runtime import PIKERD as PIKERD
 from ._runtime import Runtime as Runtime

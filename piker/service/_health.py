@@ -140,6 +140,12 @@ async def health_report() -> list[dict[str, Any]]:
     return [msgspec.to_builtins(b) for b in _get_table().report()]
 
 
+@tractor.context
+async def health_snapshot(ctx: tractor.Context) -> None:
+    """:func:`health_report` for periodic callers (see ``_ipc.call_ctx``)."""
+    await ctx.started(await health_report())
+
+
 async def forget(name: str) -> None:
     _get_table().forget(name)
 

@@ -16,6 +16,8 @@ import trio
 
 from ..log import get_logger
 from ._discovery import find_service
+from ._health import health_snapshot
+from ._ipc import call_ctx
 from ._sdnotify import SdNotifier
 
 log = get_logger(__name__)
@@ -27,7 +29,7 @@ async def health_rows(timeout_secs: float = 2.0) -> list[dict[str, Any]] | None:
         async with find_service('healthd') as portal:
             if portal is None:
                 return None
-            return await portal.run_from_ns('piker.service._health', 'health_report')
+            return await call_ctx(portal, health_snapshot)
     return None
 
 

@@ -144,7 +144,8 @@ def pikerd(config_path: str | None, registry: str | None, state_dir: str | None)
 # -- services ----------------------------------------------------------------
 
 async def _service_table(ctx: Ctx) -> dict[str, Any]:
-    from .service import PIKERD, find_service, open_runtime, registry_answers
+    from .service import PIKERD, call_ctx, find_service, open_runtime, registry_answers
+    from .service._rpc import service_table_snapshot
     if not registry_answers(ctx.registry):
         fail(f'no pikerd is running on {ctx.registry[0]}:{ctx.registry[1]} '
              '(start one with `piker pikerd` or `piker bot run`)', code=1)
@@ -153,7 +154,7 @@ async def _service_table(ctx: Ctx) -> dict[str, Any]:
             if portal is None:
                 fail('the registry answered but pikerd is not registered', code=1)
             with trio.fail_after(10):
-                return await portal.run_from_ns('piker.service._rpc', 'service_table')
+                return await call_ctx(portal, service_table_snapshot)
 
 
 @main.command()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from piker.service._proc import pid_alive as pid_alive  # noqa: F401  (tests import it from here)
+
 os.environ.setdefault(
     'PYTHONWARNINGS',
     'ignore:trio.MultiError:FutureWarning,ignore:MultiError.:FutureWarning',
@@ -65,15 +67,6 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f'/proc/{pid}/stat', 'rb') as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b')') + 2:][:1] not in (b'Z', b'X')
 
 
 class PikerProc:

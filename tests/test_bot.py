@@ -25,7 +25,8 @@ CLOSES = [10, 10, 10, 10, 10, 12, 12, 9, 8, 8, 11, 13, 13]
 # the touch, which is then the open of bar k + 1 (its first tick is at the boundary)
 OPEN_BELOW_CLOSE = 0.25
 EXPECTED = [(5, 'buy', 1.0, 11.75), (7, 'sell', 2.0, 7.75), (10, 'buy', 2.0, 12.75)]
-STRATEGIES = REPO / 'tests' / 'strategies'
+# the shipped strategies; test-only ones are loaded by dotted path (tests.strategies.*)
+STRATEGIES = REPO / 'strategies'
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ async def test_sma_cross_trades_exactly_the_scripted_path(reg_addr, state_dir, d
 
 async def test_failing_strategy_stops_alone(reg_addr, state_dir, data_dir):
     cfg = bot_cfg(data_dir, [
-        {'name': 'boom', 'strategy': 'boom', 'markets': ['abc.replay'],
+        {'name': 'boom', 'strategy': 'tests.strategies.boom', 'markets': ['abc.replay'],
          'timeframe_secs': TF, 'params': {'fail_at': 2, 'limit': 49.0}, 'on_error': 'cancel'},
         {'name': 'sma', 'strategy': 'sma_cross', 'markets': ['xyz.replay'],
          'timeframe_secs': TF, 'params': {'fast': 2, 'slow': 4, 'size': 1.0}},
@@ -291,7 +292,7 @@ name = "cron"
 strategies_dir = "{STRATEGIES}"
 [[strategies]]
 name = "once"
-strategy = "buy_once"
+strategy = "tests.strategies.buy_once"
 markets = ["spy.sim"]
 timeframe_secs = 1
 params = {{ size = 2 }}

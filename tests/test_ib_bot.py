@@ -19,7 +19,7 @@ async def test_live_strategy_order_fills_through_brokerd_ib(reg_addr, state_dir)
         cfg = parse_config({
             'name': 'live', 'mode': 'live', 'backend': 'ib',
             'brokers': {'ib': ib_cfg(gw)},
-            'strategies': [{'name': 'once', 'strategy': 'buy_once', 'account': 'live',
+            'strategies': [{'name': 'once', 'strategy': 'tests.strategies.buy_once', 'account': 'live',
                             'markets': ['gld.arca.ib'], 'timeframe_secs': 5,
                             'params': {'size': 3}}],
         })

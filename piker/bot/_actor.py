@@ -208,9 +208,8 @@ async def _on_increments(increments: Any, shms: dict[str, ShmArray], state: BotS
 
 async def _on_quotes(feed: Any, state: BotState, enqueue: Any) -> None:
     markets = set(state.runner.ctx.markets)
-    async for batch in feed.stream:
-        quotes = batch.values() if isinstance(batch, dict) else batch
-        for quote in quotes:
+    async for batch in feed.stream:  # a list of quote dicts, oldest first
+        for quote in batch:
             fqme = quote['fqme']
             if fqme not in markets:
                 continue

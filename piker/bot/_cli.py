@@ -82,7 +82,9 @@ async def _operate(ctx: Any, action: str, **kwargs: Any) -> dict[str, Any]:
     """Run one operator action on the running tree's emsd (never spawns one)."""
     import trio
 
-    from ..service import find_service, open_runtime, registry_answers
+    from ..clearing._ems import status_snapshot
+    from ..service import call_ctx, find_service, open_runtime, registry_answers
+    from ..service._rpc import service_table_snapshot
     from ._summary import collect_summary
     if not registry_answers(ctx.registry):
         fail(f'no bot is running on {ctx.registry[0]}:{ctx.registry[1]} '
@@ -107,11 +109,11 @@ async def _operate(ctx: Any, action: str, **kwargs: Any) -> dict[str, Any]:
                             EMS_MODULE, 'flatten', fqme=kwargs.get('fqme'), by=by)
                     case 'status':
                         pass
-                status = await ems.run_from_ns(EMS_MODULE, 'status')
+                status = await call_ctx(ems, status_snapshot)
             async with find_service('pikerd') as pikerd:
                 if pikerd is None:
                     fail('the registry answered but pikerd is not registered', code=1)
-                table = await pikerd.run_from_ns('piker.service._rpc', 'service_table')
+                table = await call_ctx(pikerd, service_table_snapshot)
             bots = [row['name'] for row in table['actors'] if row['kind'] == 'bot']
             summary = await collect_summary(ctx.cfg, bots, timeout_secs=5)
     result.update(status=status, actors=table['actors'],

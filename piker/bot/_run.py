@@ -38,7 +38,7 @@ def emsd_kwargs(cfg: BotCfg) -> dict[str, Any]:
     }
 
 
-async def _stop_service(name: str, is_pikerd: bool) -> None:
+async def _stop_service(name: str) -> None:
     from ..service import get_services
     services = get_services()
     if services is not None:
@@ -126,7 +126,7 @@ async def run_bot(
                 with trio.CancelScope(shield=True):
                     finals = await _stop_strategies(names)
                     for name in names:
-                        await _stop_service(name, rt.is_pikerd)
+                        await _stop_service(name)
                     final = await collect_summary(cfg, [], strategies=finals)
                 nursery.cancel_scope.cancel()
     return final
@@ -179,8 +179,7 @@ async def _stop_strategies(names: list[str], timeout_secs: float = 15.0,
 
 async def _start_all(cfg: BotCfg, names: list[str], strategies_dir: Path, clock: str,
                      stop: trio.Event) -> bool:
-    from ..service import request_spawn as spawn
-    await spawn(EMSD_INIT, emsd_kwargs(cfg))
+    await request_spawn(EMSD_INIT, emsd_kwargs(cfg))
     bot_cfg = msgspec.to_builtins(cfg)
     ok = True
 
@@ -188,7 +187,7 @@ async def _start_all(cfg: BotCfg, names: list[str], strategies_dir: Path, clock:
         nonlocal ok
         scfg = cfg.strategies[i]
         try:
-            await spawn(BOT_INIT, {
+            await request_spawn(BOT_INIT, {
                 'strategy_cfg': msgspec.to_builtins(scfg), 'bot_cfg': bot_cfg,
                 'strategies_dir': str(strategies_dir), 'index': i, 'clock': clock,
             })
@@ -209,5 +208,3 @@ async def _status_line(cfg: BotCfg, names: list[str]) -> str:
     markets = ' '.join(sorted({m for s in cfg.strategies for m in s.markets}))
     return f'{summary.status_line()} | markets {markets}'
 
-
-__all__ = ['run_bot', 'request_spawn']

@@ -25,8 +25,9 @@ import tractor
 import trio
 
 from ..log import get_logger
+from ..service import call_ctx
 from ._dialog import STREAM_BUFFER
-from ._ems import ems_dialog, maybe_spawn_emsd
+from ._ems import ems_dialog, maybe_spawn_emsd, status_snapshot
 from ._messages import (
     TERMINAL_STATES,
     BadMessage,
@@ -175,7 +176,7 @@ class OrderClient:
         return await self.portal.run_from_ns(EMS_MODULE, 'resume', by=by or self.source)
 
     async def ems_status(self) -> dict[str, Any]:
-        return await self.portal.run_from_ns(EMS_MODULE, 'status')
+        return await call_ctx(self.portal, status_snapshot)
 
     async def cancel_all(self, account: str | None = None, by: str | None = None) -> list[str]:
         return await self.portal.run_from_ns(EMS_MODULE, 'cancel_all', account=account,

@@ -9,6 +9,8 @@ import tractor
 import trio
 
 from ..log import get_logger
+from ._health import health_snapshot
+from ._ipc import call_ctx
 from ._runtime import get_services
 from ._spec import resolve_spec
 
@@ -45,7 +47,7 @@ async def service_table() -> dict[str, Any]:
         with trio.move_on_after(2):
             async with find_service('healthd') as portal:
                 if portal is not None:
-                    rows = await portal.run_from_ns('piker.service._health', 'health_report')
+                    rows = await call_ctx(portal, health_snapshot)
                     health = {r['name']: r for r in rows}
     known = {s.name: s for s in services.list()}
     rows = []
@@ -64,3 +66,10 @@ async def service_table() -> dict[str, Any]:
         })
     rows.sort(key=lambda r: (r['kind'] != 'pikerd', r['name']))
     return {'pikerd_pid': os.getpid(), 'actors': rows, 'deaths': list(services.deaths)}
+
+
+@tractor.context
+async def service_table_snapshot(ctx: tractor.Context) -> None:
+    """:func:`service_table` over a context: monitoring scripts may run
+    `piker services` every few seconds (see ``_ipc.call_ctx``)."""
+    await ctx.started(await service_table())

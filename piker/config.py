@@ -49,6 +49,17 @@ class HealthCfg(Cfg, frozen=True):
     stale_after_secs: PositiveFloat = 5.0
 
 
+class SupervisionCfg(Cfg, frozen=True):
+    """pikerd's restart policy (OTP one-for-one): a daemon that dies is started
+    again after a backoff; more than ``max_restarts`` deaths of one daemon
+    within ``window_secs`` end the root with exit code 3 (systemd restarts
+    the unit)."""
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
+    window_secs: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+    backoff_secs: Annotated[float, msgspec.Meta(ge=0.01, le=60)] = 0.25
+    max_backoff_secs: Annotated[float, msgspec.Meta(ge=0.01, le=600)] = 5.0
+
+
 class SimCfg(Cfg, frozen=True):
     seed: int = 7
     # the sim model ticks on a 100 ms grid: 10 Hz is its most
@@ -152,6 +163,7 @@ class BotCfg(Cfg, frozen=True):
     # the backend serving market data (and, in live mode, orders)
     backend: Literal['sim', 'replay', 'ib'] = 'sim'
     health: HealthCfg = msgspec.field(default_factory=HealthCfg)
+    supervision: SupervisionCfg = msgspec.field(default_factory=SupervisionCfg)
     brokers: BrokersCfg = msgspec.field(default_factory=BrokersCfg)
     risk: RiskCfg = msgspec.field(default_factory=RiskCfg)
     paper: PaperCfg = msgspec.field(default_factory=PaperCfg)

@@ -68,3 +68,21 @@ async def snapshot(ctx: tractor.Context) -> None:
 async def tracked_contexts() -> int:
     # tractor-private, read only to prove that periodic calls don't accumulate
     return len(tractor.current_actor()._contexts)
+
+
+@tractor.context
+async def _setup_persistent_crashy(ctx: tractor.Context, live_secs: float = 0.3) -> None:
+    """Comes up, then dies like a segfault would: every incarnation."""
+    async with daemon_lifetime('crashy'):
+        await ctx.started({'pid': os.getpid()})
+        await trio.sleep(live_secs)
+        os._exit(1)
+
+
+def crashy_init(live_secs: float = 0.3) -> DaemonSpec:
+    return DaemonSpec(
+        name='crashy', kind='crashy',
+        fixture='tests._daemons:_setup_persistent_crashy',
+        enable_modules=['tests._daemons'],
+        fixture_kwargs={'live_secs': live_secs},
+    )

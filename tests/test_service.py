@@ -107,7 +107,8 @@ async def test_sigint_tears_down_tree_too(reg_addr, tmp_path, piker_procs):
     assert not [k for k in kids if pid_alive(k)]
 
 
-async def test_sigkilled_daemon_is_detected_and_pikerd_keeps_running(reg_addr, state_dir):
+async def test_sigkilled_daemon_is_restarted_by_pikerd_itself(reg_addr, state_dir):
+    """Nobody asks again: pikerd starts the dead daemon from the spec it owns."""
     with trio.fail_after(60):
         async with open_runtime('tester', reg_addr) as rt:
             services = rt.services
@@ -115,13 +116,20 @@ async def test_sigkilled_daemon_is_detected_and_pikerd_keeps_running(reg_addr, s
                 info = await portal.run_from_ns('tests._daemons', 'whoami')
             victim = info['pid']
             os.kill(victim, signal.SIGKILL)
-            while services.get('echod.victim') is not None:
+            while True:
+                now = services.get('echod.victim')
+                if now is not None and now.pid != victim:
+                    break
                 await trio.sleep(0.05)
-            assert services.deaths == ['echod.victim']
-            # the stale registry entry is gone: a new caller gets a new daemon
+            assert now.restarts == 1 and pid_alive(now.pid)
+            record = services.records['echod.victim']
+            assert record.state == 'running'
+            assert record.last_exit == 'killed by SIGKILL'
+            assert services.deaths == []
+            # the registry points at the new incarnation, not the corpse
             async with maybe_spawn_echod(tag='victim') as portal:
                 info = await portal.run_from_ns('tests._daemons', 'whoami')
-            assert info['pid'] != victim and pid_alive(info['pid'])
+            assert info['pid'] == now.pid
             # healthd still answers
             async with tractor.find_actor('healthd') as hp:
                 rows = await hp.run_from_ns('piker.service._health', 'health_report')

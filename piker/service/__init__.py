@@ -7,6 +7,7 @@ from ._health import maybe_spawn_healthd as maybe_spawn_healthd
 from ._ipc import call_ctx as call_ctx
 from ._ipc import send_whole as send_whole
 from ._lifetime import daemon_lifetime as daemon_lifetime
+from ._runtime import EXIT_ESCALATED as EXIT_ESCALATED
 from ._runtime import PIKERD as PIKERD
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStartupError as RuntimeStartupError
@@ -14,6 +15,8 @@ from ._runtime import get_services as get_services
 from ._runtime import open_runtime as open_runtime
 from ._runtime import registry_answers as registry_answers
 from ._sdnotify import SdNotifier as SdNotifier
+from ._services import ConfigMismatch as ConfigMismatch
+from ._services import RestartPolicy as RestartPolicy
 from ._services import ServiceInfo as ServiceInfo
 from ._services import Services as Services
 from ._spec import DaemonSpec as DaemonSpec

@@ -5,12 +5,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import tractor
 import trio
 
 from ..log import get_logger
+from ._ipc import call_ctx
 from ._runtime import PIKERD, get_services
-from ._services import START_TIMEOUT_SECS, ServiceInfo, SpawnError, remote_error_line
+from ._services import (
+    START_TIMEOUT_SECS,
+    ConfigMismatch,
+    ServiceInfo,
+    SpawnError,
+    remote_error_line,
+)
 from ._spec import resolve_spec
 
 log = get_logger(__name__)
@@ -42,26 +50,35 @@ async def find_service(name: str) -> AsyncIterator[tractor.Portal | None]:
         await cm.__aexit__(None, None, None)
 
 
-async def request_spawn(init: str, kwargs: dict[str, Any]) -> ServiceInfo:
-    """Have pikerd find-or-spawn the daemon; returns once it serves requests."""
+async def request_spawn(init: str, kwargs: dict[str, Any], *,
+                        match_config: bool = False) -> ServiceInfo:
+    """Have pikerd find-or-spawn the daemon; returns once it serves requests.
+
+    ``match_config``: a daemon already running with another config is a
+    :class:`ConfigMismatch` naming the differing keys (``bot run`` attaching
+    to a tree started from another bot.toml), not a silent attach.
+    """
     services = get_services()
     if services is not None:
         try:
-            return await services.ensure(resolve_spec(init, kwargs))
+            return await services.ensure(resolve_spec(init, kwargs), match_config=match_config)
         except SpawnError as err:
             raise ServiceUnavailable(str(err)) from None
+    from ._rpc import spawn_service_ctx
     async with find_service(PIKERD) as pikerd:
         if pikerd is None:
             raise ServiceUnavailable('no pikerd is running on this registry; start `piker pikerd`')
         with trio.fail_after(START_TIMEOUT_SECS + 5):
             try:
-                raw = await pikerd.run_from_ns(
-                    'piker.service._rpc', 'spawn_service', init=init, kwargs=kwargs)
+                raw = await call_ctx(pikerd, spawn_service_ctx, init=init, kwargs=kwargs,
+                                     match_config=match_config)
             except tractor.RemoteActorError as err:
-                raise ServiceUnavailable(remote_error_line(err)) from None
-    return ServiceInfo(name=raw['name'], kind=raw['kind'], pid=raw['pid'],
-                       addr=tuple(raw['addr']), tier=raw['tier'], critical=raw['critical'],
-                       started=raw.get('started'))
+                line = remote_error_line(err)
+                _, marker, text = line.partition('ConfigMismatch: ')
+                if marker:
+                    raise ConfigMismatch(text) from None
+                raise ServiceUnavailable(line) from None
+    return msgspec.convert(raw, ServiceInfo)
 
 
 @asynccontextmanager

@@ -24,10 +24,19 @@ def _services():
     return services
 
 
-async def spawn_service(init: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+async def spawn_service(init: str, kwargs: dict[str, Any],
+                        match_config: bool = False) -> dict[str, Any]:
     """Find-or-spawn a daemon for a client; the daemon outlives the client."""
-    info = await _services().ensure(resolve_spec(init, kwargs))
+    info = await _services().ensure(resolve_spec(init, kwargs), match_config=match_config)
     return msgspec.to_builtins(info)
+
+
+@tractor.context
+async def spawn_service_ctx(ctx: tractor.Context, init: str, kwargs: dict[str, Any],
+                            match_config: bool = False) -> None:
+    """:func:`spawn_service` over a context (see ``_ipc.call_ctx``): every
+    client's find-or-spawn comes through here."""
+    await ctx.started(await spawn_service(init, kwargs, match_config))
 
 
 async def stop_service(name: str) -> bool:
@@ -50,6 +59,7 @@ async def service_table() -> dict[str, Any]:
                     rows = await call_ctx(portal, health_snapshot)
                     health = {r['name']: r for r in rows}
     known = {s.name: s for s in services.list()}
+    records = services.records
     rows = []
     for key, addr in registry.items():
         name = key.rsplit('.', 1)[0] if '.' in key else key
@@ -63,9 +73,19 @@ async def service_table() -> dict[str, Any]:
             'addr': f'{addr[0]}:{addr[1]}',
             'heartbeat_age_secs': beat.get('age_secs'),
             'state': beat.get('state', 'n/a'),
+            'restarts': records[name].restarts if name in records else 0,
+            'last_exit': records[name].last_exit if name in records else None,
         })
+    # daemons that died and are not back (yet): restarting, or given up on
+    listed = {r['name'] for r in rows}
+    for name, rec in records.items():
+        if name not in listed and rec.state in ('restarting', 'failed'):
+            rows.append({'name': name, 'kind': rec.kind, 'pid': None, 'addr': None,
+                         'heartbeat_age_secs': None, 'state': rec.state,
+                         'restarts': rec.restarts, 'last_exit': rec.last_exit})
     rows.sort(key=lambda r: (r['kind'] != 'pikerd', r['name']))
-    return {'pikerd_pid': os.getpid(), 'actors': rows, 'deaths': list(services.deaths)}
+    return {'pikerd_pid': os.getpid(), 'actors': rows, 'deaths': list(services.deaths),
+            'escalation': services.escalation}
 
 
 @tractor.context

@@ -9,18 +9,18 @@ pikerd.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
-import msgspec
 import tractor
 import trio
 
 from ..log import get_logger, setup_logging
 from ._health import healthd_init, run_heartbeat
-from ._services import Services
+from ._services import RestartPolicy, Services
 
 log = get_logger(__name__)
 
@@ -37,11 +37,48 @@ class RuntimeStartupError(RuntimeError):
     """The runtime could not start; the text names the cause and the fix."""
 
 
-class Runtime(msgspec.Struct, kw_only=True):
-    name: str
-    registry_addr: tuple[str, int]
-    is_pikerd: bool
-    services: Services | None = None
+# a root that escalated (a daemon kept dying) exits with this code
+EXIT_ESCALATED = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Runtime:
+    """This process's place in the tree, and its one stop request.
+
+    Whatever ends the session (a signal, the end of ``--for``, an escalation,
+    no strategy left) goes through :meth:`request_stop`; the first reason wins.
+    Shutdown then runs against a single deadline (:meth:`begin_stop`), so
+    the steps of a stop never add up past ``stop_timeout_secs``.
+    """
+
+    def __init__(self, name: str, registry_addr: tuple[str, int], is_pikerd: bool,
+                 services: Services | None = None, stop_timeout_secs: float = 20.0) -> None:
+        self.name = name
+        self.registry_addr = registry_addr
+        self.is_pikerd = is_pikerd
+        self.services = services
+        self.stop_timeout_secs = stop_timeout_secs
+        self.stop_requested = trio.Event()
+        self.stop_reason: str | None = None
+        self.exit_code = 0
+        self.deadline: float | None = None
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        if self.stop_requested.is_set():
+            return
+        self.stop_reason = reason
+        self.exit_code = exit_code
+        log.info('runtime.stop_requested', reason=reason, exit_code=exit_code)
+        self.stop_requested.set()
+
+    def begin_stop(self) -> float:
+        """Start the stop clock (once); returns the trio-time deadline."""
+        if self.deadline is None:
+            self.deadline = trio.current_time() + self.stop_timeout_secs
+        return self.deadline
+
+    def time_left(self) -> float:
+        return max(self.begin_stop() - trio.current_time(), 0.0)
 
 
 def get_services() -> Services | None:
@@ -111,49 +148,84 @@ async def open_runtime(
     require_pikerd: bool = False,
     stop_timeout_secs: float = 20.0,
     enable_modules: list[str] | None = None,
+    handle_signals: bool = False,
+    supervision: RestartPolicy | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open this process's root actor on ``registry_addr`` (see module doc).
 
     ``require_pikerd``: fail if a pikerd already answers (``piker pikerd``).
-    On exit as pikerd, daemons are stopped tier by tier within
-    ``stop_timeout_secs``.
+    ``handle_signals``: SIGTERM/SIGINT/SIGHUP become ``rt.request_stop`` (the
+    one place a long-running root handles them); a second signal cuts the
+    stop deadline short. As pikerd, a supervision escalation does the same
+    with exit code :data:`EXIT_ESCALATED`. On exit as pikerd, daemons are
+    stopped tier by tier within what is left of the stop deadline.
     """
     global _services
     registry_addr = (registry_addr[0], int(registry_addr[1]))
     _export_env(loglevel, heartbeat_secs, state_dir)
     setup_logging(loglevel, actor=name)
-    attach = registry_answers(registry_addr)
-    if attach and not registry_is_tractor(registry_addr):
-        raise RuntimeStartupError(
-            f'the registry address {registry_addr[0]}:{registry_addr[1]} is held by a program '
-            'that is not a piker tree; choose another port (`registry.port` in bot.toml '
-            'or `--registry HOST:PORT`)'
-        )
-    if attach and require_pikerd:
-        raise RuntimeStartupError(
-            f'a pikerd already answers on {registry_addr[0]}:{registry_addr[1]}; stop it first '
-            'or choose another registry port (`registry.port` in bot.toml or `--registry`)'
-        )
-    root_name = name if attach else PIKERD
-    modules = list(enable_modules or [])
-    if not attach:
-        modules += PIKERD_MODULES
-    try:
-        async with tractor.open_root_actor(
-            name=root_name, arbiter_addr=registry_addr, loglevel='error',
-            enable_modules=modules,
-        ) as actor:
-            setup_logging(loglevel, actor=root_name)
-            if not actor.is_arbiter:
-                log.info('runtime.attached',
-                         registry=f'{registry_addr[0]}:{registry_addr[1]}')
-                yield Runtime(name=root_name, registry_addr=registry_addr, is_pikerd=False)
-            else:
-                async with _open_pikerd(registry_addr, heartbeat_secs, stale_after_secs,
-                                        stop_timeout_secs) as rt:
+    with trio.open_signal_receiver(*STOP_SIGNALS) if handle_signals else nullcontext() as sigs:
+        attach = registry_answers(registry_addr)
+        if attach and not registry_is_tractor(registry_addr):
+            raise RuntimeStartupError(
+                f'the registry address {registry_addr[0]}:{registry_addr[1]} is held by a '
+                'program that is not a piker tree; choose another port (`registry.port` in '
+                'bot.toml or `--registry HOST:PORT`)'
+            )
+        if attach and require_pikerd:
+            raise RuntimeStartupError(
+                f'a pikerd already answers on {registry_addr[0]}:{registry_addr[1]}; stop it '
+                'first or choose another registry port (`registry.port` in bot.toml or '
+                '`--registry`)'
+            )
+        root_name = name if attach else PIKERD
+        modules = list(enable_modules or [])
+        if not attach:
+            modules += PIKERD_MODULES
+        try:
+            async with tractor.open_root_actor(
+                name=root_name, arbiter_addr=registry_addr, loglevel='error',
+                enable_modules=modules,
+            ) as actor, trio.open_nursery() as watchers:
+                setup_logging(loglevel, actor=root_name)
+                if not actor.is_arbiter:
+                    log.info('runtime.attached',
+                             registry=f'{registry_addr[0]}:{registry_addr[1]}')
+                    rt = Runtime(root_name, registry_addr, False,
+                                 stop_timeout_secs=stop_timeout_secs)
+                    if sigs is not None:
+                        watchers.start_soon(_watch_signals, sigs, rt)
                     yield rt
-    finally:
-        _services = None
+                else:
+                    rt = Runtime(PIKERD, registry_addr, True,
+                                 stop_timeout_secs=stop_timeout_secs)
+                    if sigs is not None:
+                        watchers.start_soon(_watch_signals, sigs, rt)
+                    async with _open_pikerd(rt, heartbeat_secs, stale_after_secs,
+                                            supervision) as rt:
+                        watchers.start_soon(_watch_escalation, rt)
+                        yield rt
+                watchers.cancel_scope.cancel()
+        finally:
+            _services = None
+
+
+async def _watch_signals(sigs: Any, rt: Runtime) -> None:
+    async for signum in sigs:
+        name = signal.Signals(signum).name
+        log.info('runtime.signal', signal=name, root=rt.name)
+        if rt.stop_requested.is_set():
+            log.warning('runtime.signal_again', signal=name,
+                        hint='stopping now: what is left of the shutdown is cut short')
+            rt.deadline = trio.current_time()
+            continue
+        rt.request_stop(f'signal {name}')
+
+
+async def _watch_escalation(rt: Runtime) -> None:
+    assert rt.services is not None
+    await rt.services.escalated.wait()
+    rt.request_stop(f'supervision escalated: {rt.services.escalation}', EXIT_ESCALATED)
 
 
 async def _own_heartbeat(period_secs: float, *,
@@ -174,33 +246,51 @@ class _Started:
 
 
 @asynccontextmanager
-async def _open_pikerd(registry_addr: tuple[str, int], heartbeat_secs: float,
-                       stale_after_secs: float, stop_timeout_secs: float,
-                       ) -> AsyncIterator[Runtime]:
+async def _open_pikerd(rt: Runtime, heartbeat_secs: float, stale_after_secs: float,
+                       supervision: RestartPolicy | None) -> AsyncIterator[Runtime]:
     global _services
+    registry_addr = rt.registry_addr
     log.info('pikerd.starting', registry=f'{registry_addr[0]}:{registry_addr[1]}',
              pid=os.getpid())
     async with tractor.open_nursery() as an:
+        services: Services | None = None
         try:
             async with trio.open_nursery() as nursery:
-                services = Services(an, nursery)
-                _services = services
+                services = Services(an, nursery, supervision)
+                rt.services = _services = services
                 with trio.fail_after(STARTUP_TIMEOUT_SECS):
                     await services.ensure(healthd_init(
                         stale_after_secs=stale_after_secs, heartbeat_secs=heartbeat_secs))
                 beat_scope = await nursery.start(_own_heartbeat, heartbeat_secs)
                 log.info('pikerd.ready', registry=f'{registry_addr[0]}:{registry_addr[1]}')
                 try:
-                    yield Runtime(name=PIKERD, registry_addr=registry_addr,
-                                  is_pikerd=True, services=services)
+                    yield rt
                 finally:
                     beat_scope.cancel()
                     with trio.CancelScope(shield=True):
-                        log.info('pikerd.stopping', services=len(services.list()))
-                        await services.shutdown(stop_timeout_secs)
+                        log.info('pikerd.stopping', services=len(services.list()),
+                                 secs_left=round(rt.time_left(), 3))
+                        await services.shutdown(rt.begin_stop())
                         nursery.cancel_scope.cancel()
         finally:
             _services = None
-            with trio.CancelScope(shield=True), trio.move_on_after(stop_timeout_secs):
-                await an.cancel()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(max(rt.time_left(), 0.5)):
+                    await an.cancel()
+                if services is not None:
+                    _kill_leftovers(services)
     log.info('pikerd.stopped')
+
+
+def _kill_leftovers(services: Services) -> None:
+    """SIGKILL any daemon still alive once the stop deadline passed: leaving
+    the actor nursery with a live child would hang forever (tractor wart 4)."""
+    from ._proc import pid_alive
+    for record in services.records.values():
+        pid = record.pid
+        if pid and pid_alive(pid):
+            log.warning('pikerd.kill_leftover', service=record.name, pid=pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

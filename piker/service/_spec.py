@@ -67,3 +67,24 @@ def resolve_spec(init: str, kwargs: dict[str, Any]) -> DaemonSpec:
     if not isinstance(spec, DaemonSpec):
         raise SpecError(f'{init} returned {type(spec).__name__}, expected DaemonSpec')
     return spec
+
+
+def config_diff(running: Any, asked: Any, path: str = '') -> list[str]:
+    """The key paths where two daemon configs differ, each with both values
+    (``risk_cfg.max_position: runs with 20, asked for 3``)."""
+    if isinstance(running, dict) and isinstance(asked, dict):
+        out: list[str] = []
+        for key in sorted(set(running) | set(asked), key=str):
+            sub = f'{path}.{key}' if path else str(key)
+            if key not in running:
+                out.append(f'{sub}: not set in the running one, asked for {asked[key]!r}')
+            elif key not in asked:
+                out.append(f'{sub}: runs with {running[key]!r}, not set in the request')
+            else:
+                out += config_diff(running[key], asked[key], sub)
+        return out
+    if isinstance(running, (list, tuple)) and isinstance(asked, (list, tuple)):
+        running, asked = list(running), list(asked)
+    if running != asked:
+        return [f'{path or "config"}: runs with {running!r}, asked for {asked!r}']
+    return []

@@ -7,13 +7,13 @@ are one line on stderr and exit status 2; no tracebacks.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import msgspec
 import trio
 
 from . import config as _config
@@ -115,22 +115,22 @@ def main() -> None:
 
 # -- pikerd ------------------------------------------------------------------
 
-async def _serve_until_signal(ctx: Ctx) -> None:
-    from .log import get_logger
-    from .service import open_runtime
-    log = get_logger('piker.cli')
+async def _serve_until_signal(ctx: Ctx) -> int:
+    """pikerd in the foreground until a signal or an escalation; the exit code."""
+    from .service import RestartPolicy, open_runtime
     cfg = ctx.cfg
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-        async with open_runtime(
-            'pikerd', ctx.registry, loglevel=cfg.log_level,
-            heartbeat_secs=cfg.health.heartbeat_secs,
-            stale_after_secs=cfg.health.stale_after_secs,
-            state_dir=str(ctx.state_dir()), require_pikerd=True,
-            stop_timeout_secs=cfg.stop_timeout_secs,
-        ):
-            async for signum in sigs:
-                log.info('pikerd.signal', signal=signal.Signals(signum).name)
-                break
+    async with open_runtime(
+        'pikerd', ctx.registry, loglevel=cfg.log_level,
+        heartbeat_secs=cfg.health.heartbeat_secs,
+        stale_after_secs=cfg.health.stale_after_secs,
+        state_dir=str(ctx.state_dir()), require_pikerd=True,
+        stop_timeout_secs=cfg.stop_timeout_secs, handle_signals=True,
+        supervision=msgspec.convert(msgspec.to_builtins(cfg.supervision), RestartPolicy),
+    ) as rt:
+        await rt.stop_requested.wait()
+    if rt.exit_code:
+        click.echo(f'piker: error: pikerd stopped: {rt.stop_reason}', err=True)
+    return rt.exit_code
 
 
 @main.command()
@@ -138,7 +138,7 @@ async def _serve_until_signal(ctx: Ctx) -> None:
 def pikerd(config_path: str | None, registry: str | None, state_dir: str | None) -> None:
     """Run the root actor (registry + service manager) in the foreground."""
     ctx = load_ctx(config_path, registry, state_dir)
-    run_trio(_serve_until_signal, ctx)
+    sys.exit(run_trio(_serve_until_signal, ctx))
 
 
 # -- services ----------------------------------------------------------------
@@ -182,9 +182,8 @@ def bot() -> None:
 @common_options
 def bot_check(config_path: str | None, registry: str | None, state_dir: str | None) -> None:
     """Validate a bot config file (and its strategies)."""
-    from .bot import validate_strategies
     ctx = load_ctx(config_path, registry, state_dir, require_file=True)
-    problems = validate_strategies(ctx.cfg, ctx.strategies_dir, known_markets(ctx.cfg))
+    problems = config_problems(ctx.cfg, ctx.strategies_dir)
     if problems:
         for line in problems:
             click.echo(f'piker: error: {ctx.source}: {line}', err=True)
@@ -192,6 +191,22 @@ def bot_check(config_path: str | None, registry: str | None, state_dir: str | No
     names = ', '.join(f'{s.name} ({s.strategy})' for s in ctx.cfg.strategies) or 'none'
     click.echo(f'{ctx.source}: ok: mode={ctx.cfg.mode} backend={ctx.cfg.backend} '
                f'strategies: {names}')
+
+
+def config_problems(cfg: BotCfg, strategies_dir: Path) -> list[str]:
+    """Everything ``bot run`` would reject at startup, one line each:
+    ``bot check`` and ``bot run`` share this, so they agree."""
+    from .bot import validate_strategies
+    from .brokers._protocol import BackendError, backend_endpoints
+    problems = []
+    if cfg.mode == 'live':
+        try:
+            backend_endpoints(cfg.backend, 'brokerd')
+        except BackendError:
+            problems.append(
+                f"mode = 'live' needs a backend with an order side, and {cfg.backend!r} has "
+                "none - at `$.mode` (set mode = 'paper', or backend = 'ib')")
+    return problems + validate_strategies(cfg, strategies_dir, known_markets(cfg))
 
 
 def replay_span(cfg: BotCfg, markets: list[str]) -> tuple[int, int]:

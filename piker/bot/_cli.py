@@ -14,8 +14,8 @@ from ..cli import (
     EXIT_USAGE,
     bot,
     common_options,
+    config_problems,
     fail,
-    known_markets,
     load_ctx,
     replay_span,
     run_trio,
@@ -41,7 +41,6 @@ def parse_duration(text: str) -> float:
 def bot_run(config_path: str | None, registry: str | None, state_dir: str | None,
             duration: str | None, clock: str) -> None:
     """Run the bot's strategies (paper mode on the sim market by default)."""
-    from ..bot import validate_strategies
     from ..log import get_logger, setup_logging
     from ..service import SdNotifier
     from ._run import run_bot
@@ -53,7 +52,7 @@ def bot_run(config_path: str | None, registry: str | None, state_dir: str | None
     if not ctx.cfg.strategies:
         fail(f'{ctx.source or "default config"}: no [[strategies]] configured '
              '(add one, see strategies/README.md)')
-    problems = validate_strategies(ctx.cfg, ctx.strategies_dir, known_markets(ctx.cfg))
+    problems = config_problems(ctx.cfg, ctx.strategies_dir)
     if problems:
         for line in problems:
             click.echo(f'piker: error: {ctx.source}: {line}', err=True)
@@ -65,15 +64,20 @@ def bot_run(config_path: str | None, registry: str | None, state_dir: str | None
         # replay runs on samplerd's driven clock, advanced at `speed` x real time
         clock = 'driven'
         span = replay_span(ctx.cfg, sorted({m for s in ctx.cfg.strategies for m in s.markets}))
-    summary = run_trio(lambda: run_bot(
+    outcome = run_trio(lambda: run_bot(
         ctx.cfg, registry=ctx.registry, strategies_dir=ctx.strategies_dir,
         state_dir=ctx.state_dir(), duration_secs=secs, clock=clock, sd=sd,
         replay_span=span,
     ))
-    log.info('bot.summary', **summary.to_dict())
+    summary = outcome.summary
+    log.info('bot.summary', **summary.to_dict(), exit_code=outcome.exit_code,
+             stop_reason=outcome.reason)
     if sys.stdout.isatty():
         click.echo(summary.render())
-    sys.exit(1 if summary.all_failed else 0)
+    if outcome.exit_code:
+        click.echo(f'piker: error: bot run failed (exit {outcome.exit_code}): {outcome.reason}',
+                   err=True)
+    sys.exit(outcome.exit_code)
 
 
 # -- operator commands against a running bot ------------------------------------

@@ -83,13 +83,21 @@ class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
         return '\n'.join(lines)
 
 
-async def _strategy_summary(name: str, timeout_secs: float) -> dict[str, Any] | None:
+async def strategy_summary(name: str, timeout_secs: float) -> dict[str, Any] | None:
+    """The strategy actor's summary, or None when it does not answer in time
+    (dead, being restarted, or still loading)."""
+    from ._actor import summary_snapshot
     with trio.move_on_after(timeout_secs):
-        async with find_service(name) as portal:
-            if portal is None:
-                return None
-            from ._actor import summary_snapshot
-            return await call_ctx(portal, summary_snapshot)
+        try:
+            async with find_service(name) as portal:
+                if portal is None:
+                    return None
+                return await call_ctx(portal, summary_snapshot)
+        except trio.Cancelled:
+            raise
+        except Exception as err:
+            log.debug('summary.unavailable', service=name, error=repr(err)[:300])
+            return None
     return None
 
 
@@ -113,7 +121,7 @@ async def collect_summary(cfg: BotCfg, names: list[str], *,
         last_prices.update(s.get('last_prices', {}))
     for name in names:
         try:
-            summary = await _strategy_summary(name, timeout_secs)
+            summary = await strategy_summary(name, timeout_secs)
         except trio.Cancelled:
             raise
         except Exception as err:

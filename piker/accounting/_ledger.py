@@ -31,6 +31,7 @@ import msgspec
 
 from ..config import ConfigError, read_toml, remove_stale_temps, write_toml_atomic
 from ..log import get_logger
+from ._locks import locked_by_message
 from ._positions import Fill, Position, apply_fill, validate_fill
 
 log = get_logger(__name__)
@@ -333,7 +334,8 @@ def _open_journal(jpath: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise LedgerError(
-            f'{jpath} is locked by another process; only one actor may own a ledger '
+            locked_by_message(jpath)
+            or f'{jpath} is locked by another process; only one actor may own a ledger '
             '(is another paperboi/emsd running on this state dir?)'
         ) from None
     if not existed:

@@ -47,8 +47,11 @@ DATAD_INIT = 'piker.data._feed:datad_init'
 STARTUP_TIMEOUT_SECS = 120.0
 # how often the session checks that some strategy still runs
 MONITOR_PERIOD_SECS = 1.0
-# share of the stop deadline the strategies' own stop policy may use
-STRATEGY_STOP_SHARE = 0.5
+# shares of the stop deadline: the strategies' own stop policy (on_stop,
+# cancels), then ending their actors; the rest of the tree keeps the remainder
+# (at least 45 %) to stop in order, whatever the strategies did
+STRATEGY_STOP_SHARE = 0.4
+STRATEGY_CANCEL_SHARE = 0.15
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -161,8 +164,8 @@ async def run_bot(
             final: RunSummary | None = None
             with trio.CancelScope(shield=True):
                 finals = await _stop_strategies(
-                    names, timeout_secs=rt.time_left() * STRATEGY_STOP_SHARE)
-                await _stop_services(names, rt)
+                    names, timeout_secs=rt.stop_timeout_secs * STRATEGY_STOP_SHARE)
+                await _stop_services(names, rt, rt.stop_timeout_secs * STRATEGY_CANCEL_SHARE)
                 with trio.move_on_after(max(deadline - trio.current_time(), 0.5)):
                     final = await collect_summary(cfg, [], strategies=finals,
                                                   timeout_secs=max(rt.time_left() / 2, 0.5))
@@ -325,15 +328,16 @@ async def _stop_strategies(names: list[str], timeout_secs: float) -> list[dict[s
     return [finals[n] for n in names if n in finals]
 
 
-async def _stop_services(names: list[str], rt: Runtime) -> None:
-    """Stop this session's strategy actors, all at once, within the deadline."""
+async def _stop_services(names: list[str], rt: Runtime, timeout_secs: float) -> None:
+    """Stop this session's strategy actors, all at once, within ``timeout_secs``
+    (those that do not exit by then are killed)."""
     services = rt.services
     if services is not None:
         async with trio.open_nursery() as n:
             for name in names:
-                n.start_soon(services.stop, name, rt.time_left())
+                n.start_soon(services.stop, name, timeout_secs)
         return
-    with trio.move_on_after(rt.time_left()):
+    with trio.move_on_after(timeout_secs):
         async with find_service(PIKERD) as pikerd:
             if pikerd is None:
                 return

@@ -1,0 +1,102 @@
+"""`piker bot run` tells the truth with its exit status, on the real tree:
+1 when no strategy runs (at the end of startup or later), within one stop
+deadline however many strategies hang; 0 for a clean stop."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from tests.conftest import PikerProc, descendants, pid_alive, run_piker, spawn_piker
+
+STARTUP_SECS = 60.0
+
+
+def write_cfg(tmp: Path, strategies: list[dict[str, Any]], **top: Any) -> Path:
+    path = tmp / 'bot.toml'
+    data = {'name': 'exits', 'mode': 'paper', 'backend': 'sim', **top,
+            'strategies': strategies}
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def run_args(cfg: Path, reg_addr: tuple[str, int], tmp: Path) -> list[str]:
+    return ['bot', 'run', '-c', str(cfg), '--registry', f'{reg_addr[0]}:{reg_addr[1]}',
+            '--state-dir', str(tmp / 'state')]
+
+
+def events(text: str, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith('{'):
+            rec = json.loads(line)
+            if rec.get('event') == name:
+                out.append(rec)
+    return out
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith('piker: error:')]
+
+
+def test_no_strategy_running_after_startup_exits_1(reg_addr, tmp_path):
+    cfg = write_cfg(tmp_path, [{'name': 'nope', 'strategy': 'tests.strategies.fail_on_start',
+                                'markets': ['btcusd.sim'], 'timeframe_secs': 1}])
+    res = run_piker(*run_args(cfg, reg_addr, tmp_path), '--for', '60s', timeout=90)
+    assert res.returncode == 1, res.stderr[-3000:]
+    [line] = error_lines(res.stderr)
+    assert 'no strategy is running after startup' in line
+    assert 'bot.nope: failed' in line and 'no such account setting' in line
+    assert 'Traceback' not in res.stderr
+    assert events(res.stdout, 'bot.ready') == []
+
+
+def test_every_strategy_failing_later_ends_the_run_with_exit_1(reg_addr, tmp_path):
+    cfg = write_cfg(tmp_path, [
+        {'name': 'boom', 'strategy': 'tests.strategies.boom', 'markets': ['btcusd.sim'],
+         'timeframe_secs': 1, 'params': {'fail_at': 3, 'limit': 1.0}},
+    ])
+    t0 = time.monotonic()
+    res = run_piker(*run_args(cfg, reg_addr, tmp_path), '--for', '120s', timeout=150)
+    took = time.monotonic() - t0
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert took < 60, took
+    assert events(res.stdout, 'bot.ready')
+    [line] = error_lines(res.stderr)
+    assert 'every strategy has stopped' in line
+    assert 'bot.boom: failed' in line and 'ZeroDivisionError' in line
+
+
+def test_sigterm_exits_within_one_deadline_however_many_strategies_hang(
+        reg_addr, tmp_path, piker_procs):
+    deadline_secs = 6.0
+    hung = [{'name': f'hang{i}', 'strategy': 'tests.strategies.hang_on_stop',
+             'markets': ['btcusd.sim'], 'timeframe_secs': 1, 'params': {'hang_secs': 120}}
+            for i in range(3)]
+    cfg = write_cfg(tmp_path, hung, stop_timeout_secs=deadline_secs)
+    proc: PikerProc = spawn_piker(piker_procs, tmp_path, *run_args(cfg, reg_addr, tmp_path))
+    t_end = time.monotonic() + STARTUP_SECS
+    while not events(proc.stdout, 'bot.ready'):
+        assert proc.proc.poll() is None, proc.stderr[-3000:]
+        assert time.monotonic() < t_end, 'no bot.ready'
+        time.sleep(0.2)
+    tree = descendants(proc.pid)
+    assert len(tree) >= 7
+    t0 = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.proc.wait(deadline_secs + 15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError('bot run outlived its stop deadline by 15 s') from None
+    took = time.monotonic() - t0
+    assert took < deadline_secs + 3, took
+    assert rc == 0, proc.stderr[-3000:]
+    time.sleep(0.5)
+    assert [p for p in tree if pid_alive(p)] == []
+    killed = {r['service'] for r in events(proc.stdout, 'service.kill')}
+    assert killed == {'bot.hang0', 'bot.hang1', 'bot.hang2'}

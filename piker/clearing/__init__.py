@@ -2,6 +2,7 @@
 paperboi (paper clearing), the broker dialog protocol and the client API."""
 from ._audit import AuditLog as AuditLog
 from ._audit import read_audit as read_audit
+from ._client import EmsError as EmsError
 from ._client import OrderClient as OrderClient
 from ._client import new_oid as new_oid
 from ._client import open_ems as open_ems
@@ -11,6 +12,7 @@ from ._dialog import DIALOG_MODULE as DIALOG_MODULE
 from ._dialog import BrokerSession as BrokerSession
 from ._dialog import DialogHub as DialogHub
 from ._dialog import DialogStart as DialogStart
+from ._dialog import Resolution as Resolution
 from ._dialog import Snapshot as Snapshot
 from ._dialog import open_trade_dialog as open_trade_dialog
 from ._dialog import serve_broker_session as serve_broker_session
@@ -28,11 +30,15 @@ from ._messages import BrokerdFill as BrokerdFill
 from ._messages import BrokerdOrder as BrokerdOrder
 from ._messages import BrokerdOrderAck as BrokerdOrderAck
 from ._messages import BrokerdPosition as BrokerdPosition
+from ._messages import BrokerdResolve as BrokerdResolve
+from ._messages import BrokerdResolved as BrokerdResolved
 from ._messages import BrokerdStatus as BrokerdStatus
 from ._messages import BrokerdWarm as BrokerdWarm
 from ._messages import BrokerdWarmed as BrokerdWarmed
 from ._messages import Cancel as Cancel
 from ._messages import Order as Order
+from ._messages import Resolve as Resolve
+from ._messages import Resolved as Resolved
 from ._messages import Status as Status
 from ._messages import Warm as Warm
 from ._messages import Warmed as Warmed

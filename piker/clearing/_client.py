@@ -11,6 +11,8 @@
 
 emsd is found or spawned through pikerd (its life belongs to pikerd). Leaving
 the block closes this client's dialog only; its working orders keep working.
+When emsd dies the block ends with :class:`EmsError` (its pid is watched: a
+SIGKILLed actor never closes its streams) and ``statuses`` ends.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import trio
 
 from ..log import get_logger
 from ..service import call_ctx
+from ..service._proc import wait_pid_exit
 from ._dialog import STREAM_BUFFER
 from ._ems import ems_dialog, maybe_spawn_emsd, status_snapshot
 from ._messages import (
@@ -34,6 +37,8 @@ from ._messages import (
     BrokerdPosition,
     Cancel,
     Order,
+    Resolve,
+    Resolved,
     Status,
     Warm,
     Warmed,
@@ -44,8 +49,15 @@ from ._messages import (
 
 log = get_logger(__name__)
 
-EmsEvent = Status | BrokerdPosition | Warmed
+EmsEvent = Status | BrokerdPosition | Warmed | Resolved
 EMS_MODULE = 'piker.clearing._ems'
+# opening a dialog may spawn emsd and its broker dialogs (each bounded by pikerd)
+OPEN_TIMEOUT_SECS = 60.0
+RESOLVE_TIMEOUT_SECS = 60.0
+
+
+class EmsError(RuntimeError):
+    """The dialog with emsd is gone (emsd died) or could not be opened."""
 
 
 def new_oid() -> str:
@@ -63,12 +75,16 @@ class OrderClient:
         self.account = account
         self.source = source
         self.mode: str = start.get('mode', '')
+        self.pid: int | None = start.get('pid')
         self.halted_at_start: bool = bool(start.get('halted'))
         # backends whose dialog failed to open, with why
         self.errors: dict[str, str] = dict(start.get('errors') or {})
         self._positions: dict[tuple[str, str, str], BrokerdPosition] = {}
-        for raw in start.get('positions') or []:
-            self._on_position(msgspec.convert(raw, BrokerdPosition))
+        # as the dialog opened (later updates change `positions`, never this)
+        self.start_positions: list[BrokerdPosition] = [
+            msgspec.convert(raw, BrokerdPosition) for raw in start.get('positions') or []]
+        for pos in self.start_positions:
+            self._on_position(pos)
         self.open_orders: list[Status] = [
             msgspec.convert(raw, Status) for raw in start.get('open_orders') or []
         ]
@@ -77,6 +93,7 @@ class OrderClient:
         self._status_tx, self._status_rx = trio.open_memory_channel[Status](math.inf)
         self._changed = trio.Event()
         self._warmed: dict[str, Warmed] = {}
+        self._resolved: dict[str, Resolved] = {}
         self.warm_errors: dict[str, str] = {}
 
     # -- state ---------------------------------------------------------------------
@@ -96,10 +113,22 @@ class OrderClient:
         """Every Status emsd publishes, in order (iterate it from one task)."""
         return self._status_rx
 
+    def start_position(self, fqme: str, account: str | None = None) -> float:
+        """``fqme``'s size in ``account`` as the dialog opened (0 when flat)."""
+        acct = account or self.account
+        return sum(p.size for p in self.start_positions if p.fqme == fqme and p.account == acct)
+
     def _on_position(self, pos: BrokerdPosition) -> None:
         self._positions[(pos.broker, pos.account, pos.fqme)] = pos
 
     async def _receive(self) -> None:
+        try:
+            await self._receive_all()
+        finally:
+            # iterating `statuses` ends with the dialog
+            self._status_tx.close()
+
+    async def _receive_all(self) -> None:
         async for raw in self._stream:
             for item in raw if isinstance(raw, list) else [raw]:
                 try:
@@ -115,6 +144,8 @@ class OrderClient:
                         self._on_position(event)
                     case Warmed():
                         self._warmed[event.reqid] = event
+                    case Resolved():
+                        self._resolved[event.reqid] = event
                 self._changed.set()
                 self._changed = trio.Event()
 
@@ -154,6 +185,18 @@ class OrderClient:
         for fqme, error in reply.errors.items():
             log.warning('ems_client.warm_failed', fqme=fqme, error=error)
         return list(reply.fqmes)
+
+    async def resolve(self, orders: dict[str, str],
+                      timeout_secs: float = RESOLVE_TIMEOUT_SECS) -> Resolved:
+        """What became of ``orders`` (oid -> fqme), e.g. orders in flight when
+        an earlier dialog was lost: working, filled (with their fills),
+        unknown (never arrived) or undecided. Nothing is re-sent."""
+        reqid = new_oid()
+        await self._stream.send(to_wire(Resolve(reqid=reqid, orders=dict(orders))))
+        with trio.fail_after(timeout_secs):
+            while reqid not in self._resolved:
+                await self._changed.wait()
+        return self._resolved.pop(reqid)
 
     async def wait(self, oid: str, states: Iterable[str] = TERMINAL_STATES,
                    timeout_secs: float | None = None) -> Status:
@@ -203,20 +246,41 @@ async def open_ems(
 
     ``backends``: open these brokers' dialogs now, so ``positions`` and
     ``open_orders`` are filled at start; others open on their first order.
-    The configs only matter when this call spawns emsd.
+    The configs only matter when this call spawns emsd. Raises
+    :class:`EmsError` when emsd dies while the dialog is open, or does not
+    open it within ``OPEN_TIMEOUT_SECS``.
     """
+    died: list[int] = []
     async with maybe_spawn_emsd(
         risk_cfg=risk_cfg or {}, paper_cfg=paper_cfg or {},
         backend_cfgs=backend_cfgs or {}, mode=mode,
     ) as portal:
-        async with portal.open_context(
-            ems_dialog, source=source, backends=list(backends),
-        ) as (ctx, start):
-            async with ctx.open_stream(msg_buffer_size=STREAM_BUFFER) as stream:
-                client = OrderClient(portal, stream, start, account, source)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client._receive)
-                    try:
-                        yield client
-                    finally:
-                        nursery.cancel_scope.cancel()
+        with trio.CancelScope(deadline=trio.current_time() + OPEN_TIMEOUT_SECS) as session:
+            async with portal.open_context(
+                ems_dialog, source=source, backends=list(backends),
+            ) as (ctx, start):
+                session.deadline = math.inf
+                async with ctx.open_stream(msg_buffer_size=STREAM_BUFFER) as stream:
+                    client = OrderClient(portal, stream, start, account, source)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_watch_pid, client.pid, session, died)
+                        nursery.start_soon(client._receive)
+                        try:
+                            yield client
+                        finally:
+                            nursery.cancel_scope.cancel()
+        if died:
+            raise EmsError(f'emsd (pid {died[0]}) died while this dialog was open; '
+                           'pikerd starts a new one on the next open_ems')
+        if session.cancelled_caught:
+            raise EmsError(f'emsd did not open the dialog within {OPEN_TIMEOUT_SECS:g} s')
+
+
+async def _watch_pid(pid: int | None, scope: trio.CancelScope, died: list[int]) -> None:
+    """Cancel ``scope`` when emsd's ``pid`` exits (tractor wart 6: a stream
+    with a SIGKILLed actor waits forever)."""
+    if not pid:
+        return
+    await wait_pid_exit(pid)
+    died.append(pid)
+    scope.cancel()

@@ -9,10 +9,12 @@ so that the endpoint's name and signature exist in exactly one place:
    ``ctx.started(DialogStart)``: its pid, the positions of those accounts and
    its working orders (each a :class:`BrokerdOrder` with ``reqid`` set);
 2. over the stream, emsd sends :class:`BrokerdOrder` (a re-send of a known
-   ``oid`` modifies it), :class:`BrokerdCancel` and :class:`BrokerdWarm`;
+   ``oid`` modifies it), :class:`BrokerdCancel`, :class:`BrokerdWarm` and
+   :class:`BrokerdResolve` (what became of these oids?);
 3. the broker sends :class:`BrokerdOrderAck`, :class:`BrokerdStatus`,
-   :class:`BrokerdFill`, :class:`BrokerdError`, :class:`BrokerdPosition` and
-   :class:`BrokerdWarmed`, one message or a list of them (a batch).
+   :class:`BrokerdFill`, :class:`BrokerdError`, :class:`BrokerdPosition`,
+   :class:`BrokerdWarmed` and :class:`BrokerdResolved`, one message or a list
+   of them (a batch).
 
 Every message is validated with :func:`decode_msg` on arrival. A malformed
 request is answered with a :class:`BrokerdError` naming the field; a broker
@@ -44,6 +46,8 @@ from ._messages import (
     BrokerdOrder,
     BrokerdOrderAck,
     BrokerdPosition,
+    BrokerdResolve,
+    BrokerdResolved,
     BrokerdStatus,
     BrokerdWarm,
     BrokerdWarmed,
@@ -66,10 +70,10 @@ MAX_BATCH = 256
 STREAM_BUFFER = 1024
 SESSION_WAIT_SECS = 10.0
 
-DialogRequest = BrokerdOrder | BrokerdCancel | BrokerdWarm
+DialogRequest = BrokerdOrder | BrokerdCancel | BrokerdWarm | BrokerdResolve
 DialogEvent = (
     BrokerdOrderAck | BrokerdStatus | BrokerdFill | BrokerdError | BrokerdPosition
-    | BrokerdWarmed
+    | BrokerdWarmed | BrokerdResolved
 )
 
 
@@ -87,6 +91,16 @@ class Snapshot(Struct, frozen=True):
     accounts: list[str]
     positions: list[BrokerdPosition]
     open_orders: list[BrokerdOrder]
+
+
+class Resolution(Struct, frozen=True):
+    """What a broker knows of some oids (see :class:`BrokerdResolved`)."""
+    working: list[BrokerdOrder] = msgspec.field(default_factory=list)
+    fills: list[BrokerdFill] = msgspec.field(default_factory=list)
+    unknown: list[str] = msgspec.field(default_factory=list)
+    undecided: dict[str, str] = msgspec.field(default_factory=dict)
+    # oid -> final state ('canceled', 'rejected', 'error') of orders it saw end unfilled
+    done: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class DialogHub:
@@ -139,6 +153,12 @@ class BrokerSession(Protocol):
 
     async def warm(self, fqmes: list[str]) -> tuple[list[str], dict[str, str]]:
         """Resolve and cache market info / contracts: (warmed, {fqme: error})."""
+        ...
+
+    async def resolve(self, oids: list[str]) -> Resolution:
+        """What became of ``oids``: working here, filled (from the ledger, by
+        the fill's ``oid``), never seen, or undecidable right now. Claim
+        ``unknown`` only when sure: a client marks those as never arrived."""
         ...
 
 
@@ -224,6 +244,16 @@ async def _serve_request(
             case BrokerdWarm():
                 warmed, errors = await session.warm(list(req.fqmes))
                 outbox.send_nowait(BrokerdWarmed(reqid=req.reqid, fqmes=warmed, errors=errors))
+            case BrokerdResolve():
+                try:
+                    res = await session.resolve(list(req.oids))
+                except Exception as err:
+                    log.exception('dialog.resolve_failed', broker=session.broker)
+                    why = f'{session.broker} failed to resolve: {type(err).__name__}: {err}'
+                    res = Resolution(undecided={oid: why for oid in req.oids})
+                outbox.send_nowait(BrokerdResolved(
+                    reqid=req.reqid, working=res.working, fills=res.fills,
+                    unknown=res.unknown, undecided=res.undecided, done=res.done))
     except Exception as err:
         oid = getattr(req, 'oid', '')
         log.exception('dialog.request_failed', broker=session.broker, oid=oid)

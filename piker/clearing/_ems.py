@@ -110,9 +110,11 @@ async def _require_router() -> Router:
 @tractor.context
 async def ems_dialog(ctx: tractor.Context, source: str = 'cli',
                      backends: list[str] | None = None) -> None:
-    """A client's dialog: ``started`` carries positions, working orders and
-    the halt flag (after opening the dialogs of ``backends``); then Order /
-    Cancel / Warm flow in and Status / BrokerdPosition / Warmed flow out."""
+    """A client's dialog: ``started`` carries emsd's pid, positions, working
+    orders and the halt flag (after opening the dialogs of ``backends``); then
+    Order / Cancel / Warm / Resolve flow in and Status / BrokerdPosition /
+    Warmed / Resolved flow out. The client owns its source's working orders
+    (statuses of its earlier dialogs' orders reach it first-hand)."""
     router = await _require_router()
     link = router.attach_client(source)
     try:
@@ -125,8 +127,11 @@ async def ems_dialog(ctx: tractor.Context, source: str = 'cli',
             except Exception as err:
                 errors[backend] = f'{type(err).__name__}: {err}'
                 log.error('ems.dialog_failed', backend=backend, error=errors[backend])
+        router.claim_orders(link)
         start = router.client_start(list(backends or []))
         start['errors'] = errors
+        # the client watches this pid: a SIGKILLed emsd never closes its streams
+        start['pid'] = os.getpid()
         await ctx.started(start)
         async with ctx.open_stream(msg_buffer_size=STREAM_BUFFER) as stream:
             async with trio.open_nursery() as nursery:

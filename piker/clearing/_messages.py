@@ -107,6 +107,9 @@ class BrokerdOrder(Msg, frozen=True, tag='brokerd_order'):
     # set when this modifies an order the broker already acked
     reqid: str | None = None
     ts_ns: int = 0
+    # the client that placed it (a strategy's name): kept by the broker with
+    # its resting orders so a restarted emsd hands each client its own back
+    source: str = ''
 
 
 class BrokerdCancel(Msg, frozen=True, tag='brokerd_cancel'):
@@ -194,6 +197,48 @@ class BrokerdWarmed(Msg, frozen=True, tag='brokerd_warmed'):
     reqid: str
     fqmes: list[str] = msgspec.field(default_factory=list)
     errors: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# -- resolving orders by oid after a lost link (client -> emsd -> broker) -------
+
+class Resolve(Msg, frozen=True, tag='resolve'):
+    """What became of these orders? A client whose dialog was lost (emsd died,
+    or the client re-opened its session) asks by oid instead of re-sending."""
+    reqid: str
+    # oid -> fqme (the fqme routes the question when emsd never saw the oid)
+    orders: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Resolved(Msg, frozen=True, tag='resolved'):
+    """emsd's answer to :class:`Resolve`.
+
+    ``statuses``: orders emsd tracks (working, or final as it knows them);
+    ``fills``: every fill the brokers recorded for the asked oids;
+    ``unknown``: oids neither emsd nor their broker ever saw (never arrived);
+    ``undecided``: oid -> why nobody could tell (e.g. the broker is offline).
+    """
+    reqid: str
+    statuses: list[Status] = msgspec.field(default_factory=list)
+    fills: list[BrokerdFill] = msgspec.field(default_factory=list)
+    unknown: list[str] = msgspec.field(default_factory=list)
+    undecided: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class BrokerdResolve(Msg, frozen=True, tag='brokerd_resolve'):
+    reqid: str
+    oids: list[str] = msgspec.field(default_factory=list)
+
+
+class BrokerdResolved(Msg, frozen=True, tag='brokerd_resolved'):
+    """A broker's answer: orders still working, recorded fills (its ledger),
+    oids it never saw, oids it cannot decide about right now, and oids it saw
+    end unfilled (oid -> 'canceled' / 'rejected' / 'error')."""
+    reqid: str
+    working: list[BrokerdOrder] = msgspec.field(default_factory=list)
+    fills: list[BrokerdFill] = msgspec.field(default_factory=list)
+    unknown: list[str] = msgspec.field(default_factory=list)
+    undecided: dict[str, str] = msgspec.field(default_factory=dict)
+    done: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 BrokerRequest = BrokerdOrder | BrokerdCancel

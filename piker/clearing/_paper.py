@@ -30,7 +30,7 @@ from ..log import get_logger
 from ..service import DaemonSpec, daemon_lifetime, maybe_spawn_daemon
 from ..service._spec import TIER_BROKER
 from ..types import Fqme, FqmeError
-from ._dialog import DIALOG_MODULE, DialogHub, Snapshot, serve_broker_session
+from ._dialog import DIALOG_MODULE, DialogHub, Resolution, Snapshot, serve_broker_session
 from ._messages import BrokerdCancel, BrokerdError, BrokerdOrder, now_ns
 from ._paper_engine import PaperEngine
 from ._quotes import FeedError, QuoteFeeds, QuoteTick
@@ -136,6 +136,10 @@ class PaperSession:
             else:
                 errors[fqme] = reason
         return warmed, errors
+
+    async def resolve(self, oids: list[str]) -> Resolution:
+        working, fills, unknown = self.engine.resolve(oids, self.known_accounts())
+        return Resolution(working=working, fills=fills, unknown=unknown)
 
     async def _market_problem(self, fqme: str) -> str | None:
         """``None`` once ``fqme`` has a live quote here, else why not."""

@@ -92,6 +92,15 @@ def to_ledger_fill(msg: BrokerdFill, broker: str) -> Fill:
     )
 
 
+def from_ledger_fill(fill: Fill, reqid: str = '') -> BrokerdFill:
+    """A ledger record as the broker message it was (unsigned size + action)."""
+    return BrokerdFill(
+        oid=fill.oid, reqid=reqid, fill_id=fill.fill_id, account=fill.account,
+        fqme=fill.fqme, action='buy' if fill.size > 0 else 'sell', size=abs(fill.size),
+        price=fill.price, fee=fill.fee, ts_ns=fill.ts_ns,
+    )
+
+
 def reqid_for(oid: str) -> str:
     return f'paper-{oid}'
 
@@ -171,6 +180,21 @@ class PaperEngine:
             for pos in self._ledger_for(account).positions().values()
             if pos.size != 0
         ]
+
+    def resolve(self, oids: list[str], accounts: list[str]) -> tuple[
+            list[BrokerdOrder], list[BrokerdFill], list[str]]:
+        """(resting, filled, never seen) for ``oids``: resting from the book,
+        fills from the ledgers of ``accounts`` by their ``oid``. Paper sees
+        everything it was sent, so an oid with neither never arrived."""
+        wanted = set(oids)
+        resting = [o for o in self._resting.values() if o.oid in wanted]
+        fills = [
+            from_ledger_fill(f, reqid_for(f.oid))
+            for account in accounts for f in self._ledger_for(account).fills()
+            if f.oid in wanted
+        ]
+        seen = {o.oid for o in resting} | {f.oid for f in fills}
+        return resting, fills, [oid for oid in oids if oid not in seen]
 
     def quote(self, fqme: str) -> PaperQuote | None:
         return self._quotes.get(fqme)

@@ -47,11 +47,15 @@ from ._messages import (
     BrokerdOrder,
     BrokerdOrderAck,
     BrokerdPosition,
+    BrokerdResolve,
+    BrokerdResolved,
     BrokerdStatus,
     BrokerdWarm,
     BrokerdWarmed,
     Cancel,
     Order,
+    Resolve,
+    Resolved,
     Status,
     Warm,
     Warmed,
@@ -65,10 +69,11 @@ from ._risk import RiskGate
 
 log = get_logger(__name__)
 
-ClientRequest = Order | Cancel | Warm
+ClientRequest = Order | Cancel | Warm | Resolve
 # terminal orders remembered (oids are unique forever; this bounds memory)
 MAX_FINISHED = 50_000
 WARM_TIMEOUT_SECS = 30.0
+RESOLVE_TIMEOUT_SECS = 30.0
 REDIAL_DELAY_SECS = 1.0
 _SIZE_EPS = 1e-9
 
@@ -113,7 +118,8 @@ class Router:
         self.pnl = DayPnl()
         self.dialogs: dict[str, BrokerLink] = {}
         self._dial_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
-        self._warm_waiters: dict[str, tuple[trio.Event, list[BrokerdWarmed]]] = {}
+        # reqid -> (answered, [answer]) of requests a broker answers by reqid
+        self._waiters: dict[str, tuple[trio.Event, list[Any]]] = {}
         self.accounts: set[str] = {'paper'} if mode == 'paper' else set()
 
     # -- clients ---------------------------------------------------------------
@@ -124,6 +130,19 @@ class Router:
         self.clients[link.cid] = link
         log.info('ems.client_attached', client=source, cid=link.cid)
         return link
+
+    def claim_orders(self, link: ClientLink) -> int:
+        """A client (re)attaching under its name owns its working orders again
+        (those of an earlier dialog, or restored from a broker): their
+        statuses reach it even when it lags."""
+        claimed = 0
+        for track in self.working():
+            if track.order.source == link.source and self.owners.get(track.oid) != link.cid:
+                self.owners[track.oid] = link.cid
+                claimed += 1
+        if claimed:
+            log.info('ems.orders_claimed', client=link.source, cid=link.cid, count=claimed)
+        return claimed
 
     def detach_client(self, link: ClientLink) -> None:
         self.clients.pop(link.cid, None)
@@ -196,6 +215,8 @@ class Router:
                 await self.cancel(msg, link)
             case Warm():
                 link.push(await self.warm(msg), owned=True)
+            case Resolve():
+                link.push(await self.resolve(msg, link), owned=True)
 
     def _malformed(self, link: ClientLink, raw: Any, error: str) -> None:
         oid = raw.get('oid') if isinstance(raw, dict) else None
@@ -334,7 +355,7 @@ class Router:
             oid=o.oid, account=o.account, fqme=o.fqme, action=o.action,
             size=o.size if kind is None else track.remaining,
             kind=kind or o.kind, price=None if kind == 'market' else o.price,  # type: ignore[arg-type]
-            reqid=track.reqid, ts_ns=o.ts_ns,
+            reqid=track.reqid, ts_ns=o.ts_ns, source=o.source,
         )
         try:
             link = await self.dialog(backend)
@@ -396,29 +417,91 @@ class Router:
         warmed: list[str] = []
         for backend, fqmes in by_backend.items():
             reqid = uuid.uuid4().hex
-            done = trio.Event()
-            box: list[BrokerdWarmed] = []
-            self._warm_waiters[reqid] = (done, box)
             try:
-                dialog = await self.dialog(backend)
-                await dialog.send(BrokerdWarm(reqid=reqid, fqmes=fqmes))
-                with trio.move_on_after(WARM_TIMEOUT_SECS):
-                    await done.wait()
+                reply = await self._ask_broker(
+                    backend, BrokerdWarm(reqid=reqid, fqmes=fqmes), WARM_TIMEOUT_SECS)
             except trio.Cancelled:
                 raise
             except Exception as err:
                 errors.update({f: _describe(err) for f in fqmes})
                 continue
-            finally:
-                self._warm_waiters.pop(reqid, None)
-            if not box:
-                errors.update({f: f'{backend} did not answer within {WARM_TIMEOUT_SECS:g}s'
-                               for f in fqmes})
-                continue
-            warmed += box[0].fqmes
-            errors.update(box[0].errors)
+            warmed += reply.fqmes
+            errors.update(reply.errors)
         log.info('ems.warmed', warmed=warmed, errors=errors)
         return Warmed(reqid=msg.reqid, fqmes=warmed, errors=errors)
+
+    async def _ask_broker(self, backend: str, req: BrokerdWarm | BrokerdResolve,
+                          timeout_secs: float) -> Any:
+        """Send a request a broker answers by ``reqid``; its answer, or raise."""
+        done = trio.Event()
+        box: list[Any] = []
+        self._waiters[req.reqid] = (done, box)
+        try:
+            dialog = await self.dialog(backend)
+            await dialog.send(req)
+            with trio.move_on_after(timeout_secs):
+                await done.wait()
+        finally:
+            self._waiters.pop(req.reqid, None)
+        if not box:
+            raise RouteError(f'{backend} did not answer within {timeout_secs:g}s')
+        return box[0]
+
+    async def resolve(self, msg: Resolve, link: ClientLink | None = None) -> Resolved:
+        """What became of a client's orders: emsd's own tracks first, then
+        each order's broker (its working orders and its ledger, by oid).
+        Nothing is sent again; the asking client owns what is still working."""
+        now = now_ns()
+        known: dict[str, Status] = {}
+        fills: list[BrokerdFill] = []
+        unknown: list[str] = []
+        undecided: dict[str, str] = {}
+        by_backend: dict[str, list[str]] = defaultdict(list)
+        for oid, fqme in msg.orders.items():
+            track = self.tracks.get(oid)
+            if track is not None and not track.terminal:
+                known[oid] = track.status(now)
+                if link is not None:
+                    self.owners[oid] = link.cid
+                continue
+            backend = self.routes.get(oid)
+            if backend is None:
+                resolved = self._resolve(Order(oid=oid, fqme=fqme, action='buy', size=1))
+                if isinstance(resolved, str):
+                    undecided[oid] = resolved
+                    continue
+                backend = resolved[1]
+            by_backend[backend].append(oid)
+        for backend, oids in by_backend.items():
+            try:
+                reply: BrokerdResolved = await self._ask_broker(
+                    backend, BrokerdResolve(reqid=uuid.uuid4().hex, oids=oids),
+                    RESOLVE_TIMEOUT_SECS)
+            except trio.Cancelled:
+                raise
+            except Exception as err:
+                undecided.update({oid: _describe(err) for oid in oids})
+                continue
+            fills += reply.fills
+            undecided.update(reply.undecided)
+            for bo in reply.working:
+                track = self.tracks.get(bo.oid) or self._restore(bo, backend)
+                if link is not None:
+                    self.owners[bo.oid] = link.cid
+                known[bo.oid] = track.status(now)
+            for oid in oids:
+                track = self.tracks.get(oid)
+                if oid not in known and track is not None:
+                    known[oid] = track.status(now)  # final as emsd saw it
+            for oid, state in reply.done.items():
+                if oid not in known and state in ('canceled', 'rejected', 'error'):
+                    known[oid] = Status(oid=oid, state=state, ts_ns=now,  # type: ignore[arg-type]
+                                        reason=f'{state} at the {backend} broker')
+            unknown += [oid for oid in reply.unknown if oid not in known]
+        log.info('ems.resolved', asked=len(msg.orders), known=len(known), fills=len(fills),
+                 unknown=unknown, undecided=undecided, client=link.source if link else None)
+        return Resolved(reqid=msg.reqid, statuses=list(known.values()), fills=fills,
+                        unknown=unknown, undecided=undecided)
 
     def exposure(self, backend: str, account: str, fqme: str, exclude: str = '') -> float:
         """Position plus the signed remainder of working (non-dark) orders: the
@@ -510,16 +593,8 @@ class Router:
             self._on_position(pos)
         working = {o.oid for o in start.open_orders}
         for bo in start.open_orders:
-            track = self.tracks.get(bo.oid)
-            if track is None:
-                order = Order(oid=bo.oid, fqme=bo.fqme, action=bo.action, size=bo.size,
-                              kind=bo.kind, price=bo.price, account=bo.account,
-                              source='restored', ts_ns=bo.ts_ns)
-                track = OrderTrack(order)
-                self._register(track, link.backend, None)
-                self.accounts.add(bo.account)
-                self.publish(track.on_ack(bo.reqid or '', now_ns()))
-                self._nursery.start_soon(self._ensure_quotes, bo.fqme)
+            if bo.oid not in self.tracks:
+                self._restore(bo, link.backend)
         # orders this emsd thought were working there but the broker no longer has
         for track in self.working():
             if (self.routes.get(track.oid) == link.backend and track.state != 'dark'
@@ -527,6 +602,20 @@ class Router:
                 self.publish(track.on_error(
                     f'{link.name} restarted without this order; check `piker ledger` '
                     'for its fills', ts_ns=now_ns()))
+
+    def _restore(self, bo: BrokerdOrder, backend: str) -> OrderTrack:
+        """Track an order a broker works that this emsd never routed (it
+        restarted): owned by its client again once that client attaches."""
+        order = Order(oid=bo.oid, fqme=bo.fqme, action=bo.action, size=bo.size,
+                      kind=bo.kind, price=bo.price, account=bo.account,
+                      source=bo.source or 'restored', ts_ns=bo.ts_ns)
+        track = OrderTrack(order)
+        owner = next((c.cid for c in self.clients.values() if c.source == order.source), None)
+        self._register(track, backend, owner)
+        self.accounts.add(bo.account)
+        self.publish(track.on_ack(bo.reqid or '', now_ns()))
+        self._nursery.start_soon(self._ensure_quotes, bo.fqme)
+        return track
 
     async def _ensure_quotes(self, fqme: str) -> None:
         try:
@@ -539,18 +628,60 @@ class Router:
             del self.dialogs[link.backend]
         log.warning('ems.dialog_lost', broker=link.name, reason=reason)
         resting = False
+        in_flight: list[str] = []
         for track in self.working():
             if self.routes.get(track.oid) != link.backend or track.state == 'dark':
                 continue
             if track.state == 'pending':
                 # sent but unanswered: the broker may or may not have it
-                self.publish(track.on_error(
-                    f'{reason} before answering; the order may have filled - check '
-                    '`piker positions` / `piker ledger`', ts_ns=now_ns()))
+                in_flight.append(track.oid)
             else:
                 resting = True
-        if resting:
+        if in_flight:
+            self._nursery.start_soon(self._resolve_in_flight, link.backend, link.name,
+                                     reason, in_flight)
+        elif resting:
             self._nursery.start_soon(self._redial, link.backend)
+
+    async def _resolve_in_flight(self, backend: str, name: str, reason: str,
+                                 oids: list[str]) -> None:
+        """Orders a broker died before answering: ask its successor by oid
+        (its ledger has every fill the dead one made) instead of guessing;
+        nothing is sent again. Redials the broker, so resting orders resume."""
+        await trio.sleep(REDIAL_DELAY_SECS)
+        try:
+            reply: BrokerdResolved = await self._ask_broker(
+                backend, BrokerdResolve(reqid=uuid.uuid4().hex, oids=oids),
+                RESOLVE_TIMEOUT_SECS)
+        except trio.Cancelled:
+            raise
+        except Exception as err:
+            log.error('ems.resolve_failed', backend=backend, error=_describe(err))
+            reply = BrokerdResolved(reqid='', undecided={oid: _describe(err) for oid in oids})
+        now = now_ns()
+        for fill in reply.fills:
+            track = self.tracks.get(fill.oid)
+            if track is not None:
+                self._on_order_event(track, fill)
+        for bo in reply.working:
+            track = self.tracks.get(bo.oid)
+            if track is not None and track.state == 'pending':
+                self.publish(track.on_ack(bo.reqid or '', now))
+        for oid in oids:
+            track = self.tracks.get(oid)
+            if track is None or track.state != 'pending':
+                continue
+            if oid in reply.undecided:
+                why = (f'{reason} before answering; the order may have filled - check '
+                       '`piker positions` / `piker ledger`')
+            elif oid in reply.done:
+                why = f'{name} ended it {reply.done[oid]} before it died'
+            else:
+                why = f'lost in flight when {name} died; not re-sent'
+            self.publish(track.on_error(why, ts_ns=now))
+        log.info('ems.in_flight_resolved', broker=name, asked=len(oids),
+                 fills=len(reply.fills), working=len(reply.working),
+                 unknown=len(reply.unknown), undecided=len(reply.undecided))
 
     async def _redial(self, backend: str) -> None:
         """Resting orders need their broker back (paperboi reloads them)."""
@@ -575,8 +706,8 @@ class Router:
                 self._bad_broker_msg(link, event)
             case BrokerdPosition():
                 self._on_position(event)
-            case BrokerdWarmed():
-                waiter = self._warm_waiters.get(event.reqid)
+            case BrokerdWarmed() | BrokerdResolved():
+                waiter = self._waiters.get(event.reqid)
                 if waiter is not None:
                     waiter[1].append(event)
                     waiter[0].set()

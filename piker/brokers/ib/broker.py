@@ -29,7 +29,13 @@ import tractor
 import trio
 
 from ...accounting import Ledger
-from ...clearing._dialog import DIALOG_MODULE, DialogHub, Snapshot, serve_broker_session
+from ...clearing._dialog import (
+    DIALOG_MODULE,
+    DialogHub,
+    Resolution,
+    Snapshot,
+    serve_broker_session,
+)
 from ...clearing._messages import (
     BrokerdCancel,
     BrokerdError,
@@ -39,7 +45,7 @@ from ...clearing._messages import (
     BrokerdPosition,
     now_ns,
 )
-from ...clearing._paper_engine import to_ledger_fill
+from ...clearing._paper_engine import from_ledger_fill, to_ledger_fill
 from ...config import ConfigError, IbCfg, state_dir
 from ...log import get_logger
 from ...service import DaemonSpec, daemon_lifetime
@@ -173,6 +179,34 @@ class IbBrokerSession:
                 warmed.append(info.fqme)
         log.info('brokerd.ib.warmed', warmed=warmed, errors=errors, cached=len(self.cache))
         return warmed, errors
+
+    async def resolve(self, oids: list[str]) -> Resolution:
+        """Conservative: an oid is ``unknown`` only once IB's orders and
+        executions were synced and neither the book nor a ledger has it;
+        before that every oid without a trace here is ``undecided``."""
+        with trio.move_on_after(min(SYNC_WAIT_SECS, self.cfg.connect_timeout_secs)):
+            await self.synced.wait()
+        wanted = set(oids)
+        fills = [from_ledger_fill(f) for account in self.accounts.aliases()
+                 for f in self.ledger(account).fills() if f.oid in wanted]
+        filled = {f.oid for f in fills}
+        res = Resolution(fills=fills)
+        for oid in oids:
+            tracked = self.book.get(oid)
+            if tracked is not None and not tracked.terminal:
+                res.working.append(tracked.as_order())
+            elif oid in filled:
+                continue
+            elif tracked is not None:
+                res.done[oid] = tracked.state
+            elif self.synced.is_set():
+                res.unknown.append(oid)
+            else:
+                res.undecided[oid] = ('brokerd.ib has not synced with IB yet '
+                                      f'({self.link.describe_down()}); ask again later')
+        log.info('brokerd.ib.resolved', asked=len(oids), working=len(res.working),
+                 fills=len(fills), unknown=len(res.unknown), undecided=len(res.undecided))
+        return res
 
     # -- contracts -------------------------------------------------------------------
 

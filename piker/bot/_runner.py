@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from piker.clearing._messages import BrokerdFill, Cancel, Order, Status
+from piker.clearing._messages import TERMINAL_STATES, BrokerdFill, Cancel, Order, Status
 from piker.config import CronJobCfg, StrategyCfg
 from piker.log import get_logger
 from piker.types import Struct
@@ -178,6 +178,90 @@ class StrategyRunner:
             return []
         self._fills += 1
         return self._call('on_fill', fill, fqme=fill.fqme)
+
+    # -- reconnects (the actor's session loop) ---------------------------------
+
+    def unsent(self, queued: list[Intent], reason: str) -> list[Intent]:
+        """Intents still queued when the link to emsd was lost: which to keep.
+
+        Flattening orders are kept (they only reduce risk, e.g. a cron
+        flatten). Other new orders were decided against a market that moved
+        on: they are dropped, and the strategy hears ``canceled`` with
+        ``reason``. Cancels are dropped too: :meth:`cancels_to_resend` asks
+        again for every open order once the link is back. Returns what to send
+        on the next session (kept intents, then what the callbacks made).
+        """
+        keep: list[Intent] = []
+        dropped: list[Order] = []
+        for msg in queued:
+            if isinstance(msg, Order) and self.ctx._is_flatten(msg.oid):
+                keep.append(msg)
+            elif isinstance(msg, Order):
+                dropped.append(msg)
+        out: list[Intent] = []
+        for order in dropped:
+            out += self.order_status(Status(
+                oid=order.oid, state='canceled', fqme=order.fqme, account=order.account,
+                action=order.action, size=order.size, remaining=order.size, reason=reason,
+                source=order.source, ts_ns=order.ts_ns,
+            ))
+        if dropped:
+            log.warning('order.not_sent', strategy=self.name, count=len(dropped),
+                        oids=[o.oid for o in dropped], reason=reason)
+        return keep + out
+
+    def resolve(
+        self,
+        asked: list[str],
+        working: list[Status],
+        fills: list[BrokerdFill],
+        reason: str,
+        undecided: dict[str, str] | None = None,
+    ) -> list[Intent]:
+        """Settle orders that were in flight when the link to emsd was lost,
+        from what the broker side reports by oid; nothing is sent again.
+
+        ``fills`` are applied once each (``on_fill``; known fill ids are
+        ignored), ``working`` statuses update their orders (terminal ones
+        reach ``on_order``). An asked order still open after that never
+        reached a broker, or ended there unfilled: it becomes ``error`` with
+        ``reason`` (``canceled`` when partly filled). ``undecided`` ones stay
+        open (the broker could not tell; asked again on the next reconnect).
+        """
+        out: list[Intent] = []
+        for fill in fills:
+            out += self.fill(fill)
+        still_working: set[str] = set()
+        for status in working:
+            if status.state in TERMINAL_STATES:
+                out += self.order_status(status)
+            else:
+                still_working.add(status.oid)
+                self.sync_order(status)
+        pending = set(undecided or {})
+        open_now = {o.oid: o for o in self.ctx.open_orders()}
+        for oid in asked:
+            order = open_now.get(oid)
+            if order is None or oid in still_working or oid in pending:
+                continue
+            state = 'canceled' if order.filled else 'error'
+            log.warning('order.lost', strategy=self.name, oid=oid, fqme=order.fqme,
+                        filled=order.filled, state=state, reason=reason)
+            out += self.order_status(Status(
+                oid=oid, state=state, fqme=order.fqme, account=self.ctx.account,  # type: ignore[arg-type]
+                action=order.action, size=order.size, filled=order.filled,
+                remaining=order.remaining, reason=reason, source=self.name,
+            ))
+        for oid, why in (undecided or {}).items():
+            log.warning('order.undecided', strategy=self.name, oid=oid, reason=why)
+        return out
+
+    def cancels_to_resend(self) -> list[Intent]:
+        """A Cancel for every open order the strategy asked to cancel: the
+        first may have been lost with the link (a second one is harmless)."""
+        return [Cancel(oid=o.oid, fqme=o.fqme, reason=f'strategy {self.name} (again after '
+                       'a reconnect)')
+                for o in self.ctx.open_orders() if o.oid in self.ctx._cancel_sent]
 
     def run_job(self, job: CronJobCfg) -> list[Intent]:
         """Apply a cron job. ``flatten`` and ``cancel_all`` run in any state: they

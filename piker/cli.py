@@ -168,7 +168,10 @@ def services(config_path: str | None, registry: str | None, state_dir: str | Non
     if as_json:
         click.echo(json.dumps(table))
         return
-    emit_table(table['actors'], ['name', 'kind', 'pid', 'addr', 'heartbeat_age_secs', 'state'])
+    emit_table(table['actors'], ['name', 'kind', 'pid', 'addr', 'heartbeat_age_secs', 'state',
+                                 'restarts', 'last_exit'])
+    if table.get('escalation'):
+        click.echo(f"escalated: {table['escalation']}")
 
 
 # -- bot -----------------------------------------------------------------------

@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from tests.conftest import PikerProc, descendants, pid_alive, run_piker, spawn_piker
+from tests.conftest import (
+    REPO,
+    PikerProc,
+    descendants,
+    free_port,
+    pid_alive,
+    run_piker,
+    spawn_piker,
+)
 
 STARTUP_SECS = 60.0
 
@@ -100,3 +109,48 @@ def test_sigterm_exits_within_one_deadline_however_many_strategies_hang(
     assert [p for p in tree if pid_alive(p)] == []
     killed = {r['service'] for r in events(proc.stdout, 'service.kill')}
     assert killed == {'bot.hang0', 'bot.hang1', 'bot.hang2'}
+
+
+def test_gateway_unreachable_at_start_then_up_the_strategy_starts_by_itself(
+        reg_addr, tmp_path, piker_procs):
+    gw_port = free_port()
+    cfg = write_cfg(tmp_path, [{
+        'name': 'once', 'strategy': 'tests.strategies.buy_once', 'account': 'live',
+        'markets': ['gld.arca.ib'], 'timeframe_secs': 5, 'params': {'size': 3}}],
+        mode='live', backend='ib', brokers={'ib': {
+            'ports': [gw_port], 'connect_timeout_secs': 2.0,
+            'reconnect_max_backoff_secs': 1.0, 'accounts': {'live': 'DU1234567'}}})
+    proc = spawn_piker(piker_procs, tmp_path, *run_args(cfg, reg_addr, tmp_path))
+    t_end = time.monotonic() + STARTUP_SECS
+    while not events(proc.stdout, 'bot.ready'):
+        assert proc.proc.poll() is None, proc.stderr[-3000:]
+        assert time.monotonic() < t_end, 'no bot.ready while the gateway is down'
+        time.sleep(0.2)
+    waiting = [r for r in events(proc.stdout, 'bot.phase') if r['phase'] == 'waiting']
+    assert waiting and 'no connection to TWS/IB Gateway' in waiting[0]['reason']
+    # it waits: no exit, no fill, for a while
+    time.sleep(8)
+    assert proc.proc.poll() is None, proc.stderr[-3000:]
+    status = run_piker('bot', 'status', '--json', '--registry',
+                       f'{reg_addr[0]}:{reg_addr[1]}', timeout=60)
+    assert status.returncode == 0, status.stderr
+    [row] = json.loads(status.stdout)['strategies']
+    assert row['phase'] == 'waiting' and 'IB Gateway' in row['reason']
+    gw = subprocess.Popen([sys.executable, '-m', 'tests.fake_tws', '--port', str(gw_port)],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          stdin=subprocess.DEVNULL)
+    try:
+        t_up = time.monotonic()
+        while not [r for r in events(proc.stdout, 'order.fill') if r.get('strategy') == 'once']:
+            assert proc.proc.poll() is None, proc.stderr[-3000:]
+            assert time.monotonic() - t_up < 60, 'no fill within 60 s of the gateway coming up'
+            time.sleep(0.2)
+        assert [r for r in events(proc.stdout, 'bot.phase') if r['phase'] == 'running']
+        tree = descendants(proc.pid)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(40) == 0, proc.stderr[-3000:]
+        time.sleep(0.5)
+        assert [p for p in tree if pid_alive(p)] == []
+    finally:
+        gw.kill()
+        gw.wait(10)

@@ -139,14 +139,24 @@ def _print_status(result: dict[str, Any], as_json: bool) -> None:
                f"{'YES (' + str(halt.get('reason')) + ' by ' + str(halt.get('by')) + ')' if status.get('halted') else 'no'}"
                f"   day P&L: {status.get('day_pnl', 0.0):+.2f}")
     click.echo('\nactors:')
-    emit_table(result['actors'], ['name', 'kind', 'pid', 'heartbeat_age_secs', 'state'])
+    emit_table(result['actors'], ['name', 'kind', 'pid', 'heartbeat_age_secs', 'state',
+                                  'restarts', 'last_exit'])
     click.echo('\nstrategies:')
-    emit_table(result['strategies'], ['strategy', 'state', 'orders_sent', 'fills', 'error'])
+    emit_table([{**s, 'phase': _phase_cell(s)} for s in result['strategies']],
+               ['strategy', 'phase', 'orders_sent', 'fills', 'error'])
     click.echo('\npositions:')
     emit_table(status.get('positions', []), ['account', 'fqme', 'size', 'avg_price'])
     click.echo('\nopen orders:')
     emit_table(status.get('open_orders', []),
                ['oid', 'fqme', 'action', 'size', 'filled', 'state', 'source'])
+
+
+def _phase_cell(summary: dict[str, Any]) -> str:
+    """``running``, ``waiting: <reason>``, ``failed: <error>``..."""
+    from ._run import phase_of
+    phase = phase_of(summary)
+    why = summary.get('reason') if phase == 'waiting' else None
+    return f'{phase}: {why}' if why else phase
 
 
 def _operator_command(name: str, help_text: str) -> Any:

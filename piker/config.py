@@ -322,6 +322,9 @@ def read_toml(path: str | os.PathLike[str], exact: bool = False) -> dict[str, An
     parse_float = decimal.Decimal if exact else float
     try:
         return tomllib.loads(raw.decode(), parse_float=parse_float)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f'{p}: corrupt state file: not UTF-8 text (byte {err.start}); '
+                          'restore it from a backup or move it aside') from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f'{p}: corrupt state file: {err}') from None
 

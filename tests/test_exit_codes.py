@@ -154,3 +154,35 @@ def test_gateway_unreachable_at_start_then_up_the_strategy_starts_by_itself(
     finally:
         gw.kill()
         gw.wait(10)
+
+
+def test_corrupt_ledger_is_a_failed_start_naming_the_file_exit_1(reg_addr, tmp_path):
+    cfg = write_cfg(tmp_path, [{'name': 'sma', 'strategy': 'sma_cross',
+                                'markets': ['btcusd.sim'], 'timeframe_secs': 1,
+                                'params': {'fast': 2, 'slow': 4, 'size': 1.0}}],
+                    strategies_dir=str(REPO / 'strategies'))
+    ledger = tmp_path / 'state' / 'accounting' / 'sim' / 'paper' / 'ledger.toml'
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(bytes(range(256)) * 2)
+    before = ledger.read_bytes()
+    res = run_piker(*run_args(cfg, reg_addr, tmp_path), '--for', '60s', timeout=90)
+    assert res.returncode == 1, res.stderr[-3000:]
+    [line] = error_lines(res.stderr)
+    assert 'no strategy is running after startup' in line
+    assert f'{ledger}: corrupt state file: not UTF-8 text' in line
+    assert 'Traceback' not in res.stderr
+    assert ledger.read_bytes() == before
+
+
+def test_bot_check_rejects_live_mode_on_a_backend_without_an_order_side(tmp_path):
+    cfg = write_cfg(tmp_path, [{'name': 'sma', 'strategy': 'sma_cross',
+                                'markets': ['btcusd.sim'], 'timeframe_secs': 1}],
+                    mode='live', strategies_dir=str(REPO / 'strategies'))
+    for args in (['bot', 'check', '-c', str(cfg)],
+                 ['bot', 'run', '-c', str(cfg), '--for', '5s', '--registry',
+                  f'127.0.0.1:{free_port()}', '--state-dir', str(tmp_path / 'state')]):
+        res = run_piker(*args, timeout=60)
+        assert res.returncode == 2, (args, res.stderr)
+        [line] = error_lines(res.stderr)
+        assert "mode = 'live' needs a backend with an order side, and 'sim' has none" in line
+        assert '`$.mode`' in line

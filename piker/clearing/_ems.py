@@ -24,6 +24,7 @@ from ..service._spec import TIER_ORDERS
 from ._dialog import STREAM_BUFFER
 from ._messages import Status, now_ns
 from ._router import ClientLink, Router
+from ._router import _describe as describe_error
 
 log = get_logger(__name__)
 
@@ -125,7 +126,8 @@ async def ems_dialog(ctx: tractor.Context, source: str = 'cli',
             except trio.Cancelled:
                 raise
             except Exception as err:
-                errors[backend] = f'{type(err).__name__}: {err}'
+                # one line (a remote error's last traceback line), not a traceback
+                errors[backend] = describe_error(err)
                 log.error('ems.dialog_failed', backend=backend, error=errors[backend])
         router.claim_orders(link)
         start = router.client_start(list(backends or []))

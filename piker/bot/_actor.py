@@ -58,7 +58,7 @@ STOP_FLUSH_SECS = 5.0
 # first after a session that stayed up HEALTHY_SESSION_SECS
 BACKOFF_FIRST_SECS = 0.25
 BACKOFF_MAX_SECS = 5.0
-HEALTHY_SESSION_SECS = 10.0
+HEALTHY_SESSION_SECS = 2.0
 # `started` waits this long at most for the first session: in the normal case
 # "the bot is up" still means "it can trade", but a bot whose daemons are down
 # is up too (phase `waiting`), never a spawn that times out

@@ -22,6 +22,7 @@ import tractor
 import trio
 
 from piker.log import get_logger
+from piker.service._proc import wait_pid_exit
 
 from ._bars import BarWriter
 from ._clocks import DrivenClock, FeedClock, WallClock
@@ -263,12 +264,17 @@ class FeedBus:
         task_status.started()
         warned = False
         while True:
+            died: list[int] = []
             try:
                 async with maybe_spawn_samplerd() as portal:
-                    async with portal.open_context(
-                        register_owner, name=self.name, periods=sorted(self.sampled_periods()),
-                    ) as (ctx, info):
-                        async with ctx.open_stream() as stream:
+                    with trio.CancelScope() as link:
+                        async with portal.open_context(
+                            register_owner, name=self.name,
+                            periods=sorted(self.sampled_periods()),
+                        ) as (ctx, info), ctx.open_stream() as stream, \
+                                trio.open_nursery() as n:
+                            # a SIGKILLed samplerd never ends the stream: watch its pid
+                            n.start_soon(_cancel_when_gone, info.get('pid'), link, died)
                             try:
                                 self._on_linked(info)
                             except Exception as err:
@@ -281,6 +287,10 @@ class FeedBus:
                             self.linked.set()
                             warned = False
                             await self._serve_sampler(stream)
+                if died:
+                    log.warning('datad.sampler_link_lost', error=f'samplerd (pid {died[0]}) died',
+                                hint='re-linking to the samplerd pikerd starts again')
+                    warned = True
             except trio.Cancelled:
                 raise
             except tractor.ContextCancelled:
@@ -291,7 +301,7 @@ class FeedBus:
                     warned = True
             finally:
                 self._link_stream = None
-            await trio.sleep(LINK_RETRY_SECS)
+            await trio.sleep(LINK_RETRY_SECS if not died else 0.1)
 
     async def _serve_sampler(self, stream: tractor.MsgStream) -> None:
         async for msg in stream:
@@ -503,3 +513,11 @@ class FeedBus:
             for writer in feed.writers.values():
                 writer.shm.destroy()
         self.feeds.clear()
+
+
+async def _cancel_when_gone(pid: int | None, scope: trio.CancelScope, died: list[int]) -> None:
+    if not pid:
+        return
+    await wait_pid_exit(pid)
+    died.append(pid)
+    scope.cancel()

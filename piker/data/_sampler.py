@@ -392,7 +392,8 @@ async def register_owner(ctx: tractor.Context, name: str, periods: list[int]) ->
     owner -> samplerd ``{'ack': epoch}`` and ``{'periods': [...]}`` updates.
     """
     sampler = _get()
-    await ctx.started(sampler.info())
+    # the pid lets the owner notice a SIGKILLed samplerd (the stream never ends)
+    await ctx.started({**sampler.info(), 'pid': os.getpid()})
     async with ctx.open_stream() as stream:
         owner = _Owner(name, {check_period(p) for p in periods}, stream)
         oid = sampler.new_id()

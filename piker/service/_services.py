@@ -173,6 +173,15 @@ class Services:
                         log.warning('service.config_differs', service=spec.name, keys=diff,
                                     hint='the running daemon keeps its own config')
                     return run.info
+                owned = self._specs.get(spec.name)
+                record = self.records.get(spec.name)
+                if owned is not None and record is not None and record.state == 'restarting':
+                    # died and due for a restart: pikerd's spec wins over the asker's
+                    diff = config_diff(owned.fixture_kwargs, spec.fixture_kwargs)
+                    if diff:
+                        log.warning('service.config_differs', service=spec.name, keys=diff,
+                                    hint='restarted with the config it ran with')
+                    spec = owned
                 with trio.fail_after(START_TIMEOUT_SECS):
                     return await self._nursery.start(self._supervise, spec)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import tractor
 import trio
 
@@ -27,12 +28,16 @@ async def _setup_persistent_echod(ctx: tractor.Context, slow_start_secs: float =
         await trio.sleep_forever()
 
 
+class EchodCfg(msgspec.Struct, frozen=True, kw_only=True):
+    slow_start_secs: float = 0.0
+
+
 def echod_init(tag: str = 'a', slow_start_secs: float = 0.0) -> DaemonSpec:
     return DaemonSpec(
         name=f'echod.{tag}', kind='echod',
         fixture='tests._daemons:_setup_persistent_echod',
         enable_modules=['tests._daemons'],
-        fixture_kwargs={'slow_start_secs': slow_start_secs},
+        config=EchodCfg(slow_start_secs=slow_start_secs),
     )
 
 
@@ -79,10 +84,14 @@ async def _setup_persistent_crashy(ctx: tractor.Context, live_secs: float = 0.3)
         os._exit(1)
 
 
+class CrashyCfg(msgspec.Struct, frozen=True, kw_only=True):
+    live_secs: float = 0.3
+
+
 def crashy_init(live_secs: float = 0.3) -> DaemonSpec:
     return DaemonSpec(
         name='crashy', kind='crashy',
         fixture='tests._daemons:_setup_persistent_crashy',
         enable_modules=['tests._daemons'],
-        fixture_kwargs={'live_secs': live_secs},
+        config=CrashyCfg(live_secs=live_secs),
     )

@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -129,3 +130,22 @@ async def test_bot_run_attaching_with_other_risk_limits_is_refused(
     assert 'Traceback' not in res.stderr
     assert owner.proc.poll() is None
     assert await trio.to_thread.run_sync(owner.stop) == 0
+
+
+async def test_pikerd_keeps_typed_configs_and_compares_them_with_defaults_filled_in(
+        reg_addr, state_dir):
+    from piker.clearing._ems import EmsdCfg
+    from piker.config import RiskCfg
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr) as rt:
+            await request_spawn('piker.clearing._ems:emsd_init', {'mode': 'paper'})
+            spec = rt.services._specs['emsd']
+            assert isinstance(spec.config, EmsdCfg)
+            assert isinstance(spec.config.risk_cfg, RiskCfg)
+            # the defaults spelled out are the same config as none given
+            await request_spawn('piker.clearing._ems:emsd_init', {
+                'risk_cfg': msgspec.to_builtins(RiskCfg()), 'mode': 'paper',
+            }, match_config=True)
+            with pytest.raises(ConfigMismatch, match=r'risk_cfg\.max_orders_per_min: runs with'):
+                await request_spawn('piker.clearing._ems:emsd_init', {
+                    'risk_cfg': {'max_orders_per_min': 7}, 'mode': 'paper'}, match_config=True)

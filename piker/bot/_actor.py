@@ -41,7 +41,7 @@ import tractor
 import trio
 
 from ..clearing import Cancel, Order, OrderClient, open_ems
-from ..config import BotCfg, StrategyCfg, parse_config
+from ..config import BotCfg, ConfigError, StrategyCfg, parse_config
 from ..data import ShmArray, open_feed, open_sample_stream
 from ..log import bind_contextvars, bound_contextvars, get_logger
 from ..service import DaemonSpec, daemon_lifetime
@@ -546,14 +546,27 @@ async def _graceful_stop(state: BotState, wait_acks: bool = True) -> None:
 
 # -- daemon-kind trio -------------------------------------------------------------
 
+class BotDaemonCfg(msgspec.Struct, frozen=True, kw_only=True):
+    """A strategy actor's config as pikerd keeps it (fields = the fixture's kwargs)."""
+    strategy_cfg: StrategyCfg
+    bot_cfg: BotCfg
+    strategies_dir: str
+    index: int = 0
+    clock: str = 'wall'
+
+
 def bot_init(strategy_cfg: dict[str, Any], bot_cfg: dict[str, Any], strategies_dir: str,
              index: int = 0, clock: str = 'wall') -> DaemonSpec:
+    try:
+        scfg = msgspec.convert(strategy_cfg, StrategyCfg)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f'bot.toml [[strategies]][{index}]: {err}') from None
     return DaemonSpec(
-        name=f"{BOT_KIND}.{strategy_cfg['name']}", kind=BOT_KIND,
+        name=f'{BOT_KIND}.{scfg.name}', kind=BOT_KIND,
         fixture='piker.bot._actor:_setup_persistent_bot',
         enable_modules=['piker.bot._actor'],
-        fixture_kwargs={'strategy_cfg': strategy_cfg, 'bot_cfg': bot_cfg,
-                        'strategies_dir': strategies_dir, 'index': index, 'clock': clock},
+        config=BotDaemonCfg(strategy_cfg=scfg, bot_cfg=parse_config(bot_cfg, source='bot.toml'),
+                            strategies_dir=strategies_dir, index=index, clock=clock),
         tier=TIER_STRATEGY,
     )
 

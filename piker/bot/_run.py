@@ -206,13 +206,18 @@ async def _start_session(rt: Runtime, cfg: BotCfg, names: list[str], strategies_
             async with maybe_spawn_samplerd(clock='driven', start_epoch=replay_span[0]):
                 pass
         await request_spawn(EMSD_INIT, emsd_kwargs(cfg), match_config=True)
+        # the market data of this config, not whatever another bot.toml started
+        await request_spawn(DATAD_INIT, {
+            'backend': cfg.backend,
+            'backend_cfg': msgspec.to_builtins(getattr(cfg.brokers, cfg.backend)),
+        }, match_config=True)
     except ConfigMismatch as err:
         log.error('bot.config_conflict', error=str(err))
         rt.request_stop(str(err), EXIT_CONFIG)
         return False
     except Exception as err:
-        log.error('bot.start_failed', service='emsd', error=str(err)[-2000:])
-        rt.request_stop(f'emsd could not start: {str(err)[-500:]}', EXIT_FAILED)
+        log.error('bot.start_failed', error=str(err)[-2000:])
+        rt.request_stop(f'a daemon could not start: {str(err)[-500:]}', EXIT_FAILED)
         return False
     spawn_errors: dict[str, str] = {}
     conflicts: list[str] = []

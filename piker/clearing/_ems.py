@@ -17,7 +17,7 @@ import msgspec
 import tractor
 import trio
 
-from ..config import ConfigError, PaperCfg, RiskCfg, state_dir
+from ..config import BrokersCfg, ConfigError, PaperCfg, RiskCfg, state_dir
 from ..log import get_logger
 from ..service import DaemonSpec, daemon_lifetime, maybe_spawn_daemon
 from ..service._spec import TIER_ORDERS
@@ -69,6 +69,14 @@ async def _setup_persistent_emsd(
             _router = None
 
 
+class EmsdCfg(msgspec.Struct, frozen=True, kw_only=True):
+    """emsd's config as pikerd keeps it (field names = the fixture's kwargs)."""
+    risk_cfg: RiskCfg
+    paper_cfg: PaperCfg
+    backend_cfgs: BrokersCfg
+    mode: str = 'paper'
+
+
 def emsd_init(
     risk_cfg: dict[str, Any] | None = None,
     paper_cfg: dict[str, Any] | None = None,
@@ -77,18 +85,17 @@ def emsd_init(
 ) -> DaemonSpec:
     """``*_cfg`` are the ``[risk]``, ``[paper]`` and ``[brokers]`` tables of
     bot.toml as builtins; validated here so a bad one fails the spawn request."""
-    _convert(risk_cfg, RiskCfg, 'risk')
-    _convert(paper_cfg, PaperCfg, 'paper')
     if mode not in ('paper', 'live'):
         raise ConfigError(f"bot.toml `mode`: expected 'paper' or 'live', found {mode!r}")
     return DaemonSpec(
         name=EMSD, kind='emsd',
         fixture='piker.clearing._ems:_setup_persistent_emsd',
         enable_modules=[__name__],
-        fixture_kwargs={
-            'risk_cfg': risk_cfg or {}, 'paper_cfg': paper_cfg or {},
-            'backend_cfgs': backend_cfgs or {}, 'mode': mode,
-        },
+        config=EmsdCfg(
+            risk_cfg=_convert(risk_cfg, RiskCfg, 'risk'),
+            paper_cfg=_convert(paper_cfg, PaperCfg, 'paper'),
+            backend_cfgs=_convert(backend_cfgs, BrokersCfg, 'brokers'), mode=mode,
+        ),
         tier=TIER_ORDERS,
     )
 

@@ -182,13 +182,21 @@ async def _setup_persistent_paperboi(
             session.close()
 
 
+class PaperboiCfg(msgspec.Struct, frozen=True, kw_only=True):
+    backend: str
+    paper_cfg: PaperCfg
+    # the backend's [brokers.<backend>] table, handed on to datad (which
+    # validates it: clearing names no backend's config type)
+    backend_cfg: dict[str, Any]
+
+
 def paperboi_init(
     backend: str,
     paper_cfg: dict[str, Any] | None = None,
     backend_cfg: dict[str, Any] | None = None,
 ) -> DaemonSpec:
     try:
-        msgspec.convert(paper_cfg or {}, PaperCfg)
+        paper = msgspec.convert(paper_cfg or {}, PaperCfg)
     except msgspec.ValidationError as err:
         raise ConfigError(f'bot.toml [paper]: {err}') from None
     return DaemonSpec(
@@ -196,9 +204,8 @@ def paperboi_init(
         fixture='piker.clearing._paper:_setup_persistent_paperboi',
         # no feed or brokerd modules: quotes come from datad over IPC
         enable_modules=[__name__, DIALOG_MODULE],
-        fixture_kwargs={
-            'backend': backend, 'paper_cfg': paper_cfg or {}, 'backend_cfg': backend_cfg or {},
-        },
+        config=PaperboiCfg(backend=backend, paper_cfg=paper,
+                           backend_cfg=dict(backend_cfg or {})),
         tier=TIER_BROKER,
     )
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import tractor
 import trio
 
@@ -66,15 +67,21 @@ async def _setup_persistent_datad(ctx: tractor.Context, backend: str,
             log.info('datad.stopped', backend=backend)
 
 
+class DatadCfg(msgspec.Struct, frozen=True, kw_only=True):
+    backend: str
+    # the backend's validated ``[brokers.<backend>]`` table (its own Struct)
+    backend_cfg: msgspec.Struct
+
+
 def datad_init(backend: str, backend_cfg: dict[str, Any] | None = None) -> DaemonSpec:
     """``datad.<backend>``: enables this module and the backend's datad module only."""
     eps = backend_endpoints(backend, DATAD)
-    parse_backend_cfg(backend, backend_cfg)  # a bad table fails here, before a spawn
     return DaemonSpec(
         name=f'{DATAD}.{backend}', kind=DATAD,
         fixture='piker.data._feed:_setup_persistent_datad',
         enable_modules=['piker.data._feed', eps.module],
-        fixture_kwargs={'backend': backend, 'backend_cfg': dict(backend_cfg or {})},
+        # a bad table fails here, before a spawn
+        config=DatadCfg(backend=backend, backend_cfg=parse_backend_cfg(backend, backend_cfg)),
         infect_asyncio=eps.infect_asyncio,
         tier=TIER_FEEDS,
     )

@@ -332,6 +332,11 @@ async def _setup_persistent_samplerd(ctx: tractor.Context, clock: ClockKind = 'w
             _sampler = None
 
 
+class SamplerdCfg(msgspec.Struct, frozen=True, kw_only=True):
+    clock: str = 'wall'
+    start_epoch: float | None = None
+
+
 def samplerd_init(clock: str = 'wall', start_epoch: float | None = None) -> DaemonSpec:
     if clock not in CLOCKS:
         raise SamplerError(f'samplerd clock must be one of {CLOCKS}, found {clock!r}')
@@ -339,7 +344,7 @@ def samplerd_init(clock: str = 'wall', start_epoch: float | None = None) -> Daem
         name=SAMPLERD, kind=SAMPLERD,
         fixture='piker.data._sampler:_setup_persistent_samplerd',
         enable_modules=['piker.data._sampler'],
-        fixture_kwargs={'clock': clock, 'start_epoch': start_epoch},
+        config=SamplerdCfg(clock=clock, start_epoch=start_epoch),
         tier=TIER_FEEDS,
     )
 

@@ -101,12 +101,17 @@ async def _setup_persistent_healthd(ctx: tractor.Context, stale_after_secs: floa
             await trio.sleep(heartbeat_secs)
 
 
+class HealthdCfg(msgspec.Struct, frozen=True, kw_only=True):
+    stale_after_secs: float = 5.0
+    heartbeat_secs: float = 1.0
+
+
 def healthd_init(stale_after_secs: float = 5.0, heartbeat_secs: float = 1.0) -> DaemonSpec:
     return DaemonSpec(
         name=HEALTHD, kind=HEALTHD,
         fixture='piker.service._health:_setup_persistent_healthd',
         enable_modules=['piker.service._health'],
-        fixture_kwargs={'stale_after_secs': stale_after_secs, 'heartbeat_secs': heartbeat_secs},
+        config=HealthdCfg(stale_after_secs=stale_after_secs, heartbeat_secs=heartbeat_secs),
         tier=TIER_HEALTH,
     )
 

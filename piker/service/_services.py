@@ -164,7 +164,7 @@ class Services:
                         await run.exited.wait()
                     run = self._running.get(spec.name)
                 if run is not None and not run.stopping:
-                    diff = config_diff(run.spec.fixture_kwargs, spec.fixture_kwargs)
+                    diff = config_diff(run.spec.config, spec.config)
                     if diff and match_config:
                         raise ConfigMismatch(
                             f'{spec.name} already runs with another config: {"; ".join(diff)} '
@@ -177,7 +177,7 @@ class Services:
                 record = self.records.get(spec.name)
                 if owned is not None and record is not None and record.state == 'restarting':
                     # died and due for a restart: pikerd's spec wins over the asker's
-                    diff = config_diff(owned.fixture_kwargs, spec.fixture_kwargs)
+                    diff = config_diff(owned.config, spec.config)
                     if diff:
                         log.warning('service.config_differs', service=spec.name, keys=diff,
                                     hint='restarted with the config it ran with')

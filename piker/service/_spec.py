@@ -1,8 +1,14 @@
 """What pikerd needs to know to start one daemon: :class:`DaemonSpec`.
 
-Each daemon kind's ``<kind>_init()`` returns one. The spec travels as plain
-data; the lifetime fixture is named by ``module:function`` so pikerd imports it
-itself rather than trusting a callable from a client.
+Each daemon kind's ``<kind>_init()`` returns one, with the daemon's config as
+a typed, validated, frozen Struct (``config``) whose fields are the lifetime
+fixture's keyword arguments: pikerd keeps that typed config for restarts and
+compares configs field by field (defaults filled in, so ``{}`` and the
+defaults spelled out are the same config). Only the hop into the daemon's
+process goes as builtins (:attr:`DaemonSpec.fixture_kwargs`: tractor sends
+msgpack), converted back to the same types by the fixture. The fixture is
+named by ``module:function`` so pikerd imports it itself rather than trusting
+a callable from a client.
 """
 from __future__ import annotations
 
@@ -28,11 +34,19 @@ class DaemonSpec(msgspec.Struct, frozen=True, kw_only=True):
     # ``module:function`` of the kind's ``@tractor.context`` lifetime fixture
     fixture: str
     enable_modules: list[str]
-    fixture_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    # the kind's own frozen config Struct (fields = the fixture's kwargs), or None
+    config: msgspec.Struct | None = None
     infect_asyncio: bool = False
     tier: int = TIER_FEEDS
     # a daemon whose loss makes the whole service unhealthy (drives the watchdog)
     critical: bool = True
+
+    @property
+    def fixture_kwargs(self) -> dict[str, Any]:
+        """``config`` as builtins, for the one IPC hop into the daemon."""
+        if self.config is None:
+            return {}
+        return msgspec.to_builtins(self.config)
 
 
 class SpecError(ValueError):
@@ -70,8 +84,10 @@ def resolve_spec(init: str, kwargs: dict[str, Any]) -> DaemonSpec:
 
 
 def config_diff(running: Any, asked: Any, path: str = '') -> list[str]:
-    """The key paths where two daemon configs differ, each with both values
-    (``risk_cfg.max_position: runs with 20, asked for 3``)."""
+    """The key paths where two daemon configs (Structs or builtins) differ,
+    each with both values (``risk_cfg.max_position: runs with 20, asked for 3``)."""
+    if isinstance(running, msgspec.Struct) or isinstance(asked, msgspec.Struct):
+        return config_diff(msgspec.to_builtins(running), msgspec.to_builtins(asked), path)
     if isinstance(running, dict) and isinstance(asked, dict):
         out: list[str] = []
         for key in sorted(set(running) | set(asked), key=str):

@@ -426,16 +426,20 @@ async def _setup_persistent_brokerd(ctx: tractor.Context, backend: str = BROKER,
             await trio.sleep_forever()
 
 
+class BrokerdCfg(msgspec.Struct, frozen=True, kw_only=True):
+    backend: str
+    backend_cfg: IbCfg
+
+
 def brokerd_init(backend: str = BROKER, backend_cfg: dict[str, Any] | None = None,
                  ) -> DaemonSpec:
     if backend != BROKER:
         raise ValueError(f'piker.brokers.ib serves backend {BROKER!r}, not {backend!r}')
-    parse_cfg(backend_cfg)
     return DaemonSpec(
         name=f'brokerd.{BROKER}', kind='brokerd',
         fixture=f'{__name__}:_setup_persistent_brokerd',
         enable_modules=[__name__, DIALOG_MODULE],
-        fixture_kwargs={'backend': BROKER, 'backend_cfg': backend_cfg or {}},
+        config=BrokerdCfg(backend=BROKER, backend_cfg=parse_cfg(backend_cfg)),
         infect_asyncio=True, tier=TIER_BROKER,
     )
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import msgspec
 import trio
 
 from . import config as _config
@@ -117,7 +116,7 @@ def main() -> None:
 
 async def _serve_until_signal(ctx: Ctx) -> int:
     """pikerd in the foreground until a signal or an escalation; the exit code."""
-    from .service import RestartPolicy, open_runtime
+    from .service import open_runtime
     cfg = ctx.cfg
     async with open_runtime(
         'pikerd', ctx.registry, loglevel=cfg.log_level,
@@ -125,7 +124,7 @@ async def _serve_until_signal(ctx: Ctx) -> int:
         stale_after_secs=cfg.health.stale_after_secs,
         state_dir=str(ctx.state_dir()), require_pikerd=True,
         stop_timeout_secs=cfg.stop_timeout_secs, handle_signals=True,
-        supervision=msgspec.convert(msgspec.to_builtins(cfg.supervision), RestartPolicy),
+        supervision=cfg.supervision,
     ) as rt:
         await rt.stop_requested.wait()
     if rt.exit_code:

@@ -421,3 +421,35 @@ async def test_a_config_type_error_fails_the_strategy_for_good(reg_addr, state_d
                 again = await portal.run_from_ns('piker.bot._actor', 'bot_summary')
             assert again['sessions'] == 0 and again['phase'] == 'failed'
             assert rt.services.get('bot.bad') is not None
+
+
+async def test_an_order_queued_while_no_session_runs_is_sent_not_resolved_as_lost(
+        reg_addr, state_dir):
+    """A cron job (or flatten) that queues an order while the strategy's
+    session is down: the next session must send it, not ask the broker about
+    it (the broker never saw it) and declare it lost while it still goes out."""
+    from piker.bot._actor import BotClock, BotState, _send_intents, _sync_broker_side
+    from piker.config import parse_config
+    cfg = parse_config({'strategies': [{'name': 'q', 'strategy': 'sma_cross',
+                                        'markets': [FQME], 'timeframe_secs': 1}],
+                        'risk': {'price_band_frac': 0.5}}, source='test')
+    runner, strat = _runner()
+    state = BotState(runner, cfg.strategies[0], cfg, BotClock(driven=False))
+    # queued with no session: e.g. a cron flatten during a reconnect
+    queued = runner.ctx.buy(FQME, 1)
+    state.enqueue(runner._gate(runner.ctx.drain_intents()))
+    with trio.fail_after(60):
+        async with open_runtime('tester', reg_addr, state_dir=str(state_dir)):
+            async with open_ems(backend_cfgs=BACKENDS, backends=['sim'], source='q',
+                                risk_cfg={'price_band_frac': 0.5}) as ems:
+                await last_price(ems, FQME)
+                await _sync_broker_side(state, ems)
+                # still ours, still open, not declared lost
+                assert queued in {o.oid for o in runner.ctx.open_orders()}
+                assert not [o for o, st in strat.orders if o == queued and st == 'error']
+                async with trio.open_nursery() as n:
+                    n.start_soon(_send_intents, ems, state)
+                    status = await ems.wait(queued, timeout_secs=20)
+                    n.cancel_scope.cancel()
+    assert status.state == 'filled'
+    assert queued not in state.unsent

@@ -4,6 +4,7 @@ deadline however many strategies hang; 0 for a clean stop."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -186,3 +187,37 @@ def test_bot_check_rejects_live_mode_on_a_backend_without_an_order_side(tmp_path
         [line] = error_lines(res.stderr)
         assert "mode = 'live' needs a backend with an order side, and 'sim' has none" in line
         assert '`$.mode`' in line
+
+
+def test_ctrl_c_to_the_process_group_stops_in_order_with_a_full_summary(reg_addr, tmp_path):
+    """A terminal's Ctrl-C signals every process of the group at once: only
+    the root may act on it, or the strategies end before it asks them for
+    their final summary."""
+    cfg = write_cfg(tmp_path, [{'name': 'once', 'strategy': 'tests.strategies.buy_once',
+                                'markets': ['btcusd.sim'], 'timeframe_secs': 1}])
+    out = tmp_path / 'out.log'
+    with open(out, 'wb') as fh:
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'piker', *run_args(cfg, reg_addr, tmp_path)], cwd=REPO,
+            stdout=fh, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        t_end = time.monotonic() + STARTUP_SECS
+        while not [r for r in events(out.read_text(), 'order.fill')
+                   if r.get('strategy') == 'once']:
+            assert proc.poll() is None and time.monotonic() < t_end, 'no fill'
+            time.sleep(0.2)
+        tree = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(40) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    [summary] = events(out.read_text(), 'bot.summary')
+    [once] = summary['strategies']
+    assert once['fills'] == 1 and once['state'] == 'stopped'
+    assert [p['size'] for p in summary['positions']] == [1.0]
+    time.sleep(0.5)
+    assert [p for p in tree if pid_alive(p)] == []

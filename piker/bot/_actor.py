@@ -203,8 +203,12 @@ class BotState:
         self.ems: OrderClient | None = None
         self.sessions = 0
         self.lost_link: str | None = None
-        # flattening orders carried over from a lost session (not yet sent)
-        self.carried: set[str] = set()
+        # orders queued for emsd but not handed to it yet: never "in flight",
+        # so never resolved against the broker as lost (see _sync_broker_side)
+        self.unsent: set[str] = set()
+        # the one sender task runs (a graceful stop then leaves sending to it)
+        self.sender_alive = False
+        self.sending = False
         # fills of other sources already applied to our positions
         self.others_fills: set[str] = set()
         # the session loop; shielded so a stopping actor can still flush to emsd
@@ -214,6 +218,8 @@ class BotState:
 
     def enqueue(self, intents: list[Order | Cancel]) -> None:
         for intent in intents:
+            if isinstance(intent, Order):
+                self.unsent.add(intent.oid)
             self.intents_tx.send_nowait(intent)
 
     def set_phase(self, phase: Phase, reason: str = '') -> None:
@@ -339,8 +345,8 @@ def _keep_unsent(state: BotState, reason: str) -> None:
             queued.append(state.intents_rx.receive_nowait())
         except trio.WouldBlock:
             break
+    state.unsent.difference_update(i.oid for i in queued if isinstance(i, Order))
     kept = state.runner.unsent(queued, reason)
-    state.carried = {i.oid for i in kept if isinstance(i, Order)}
     if queued:
         log.info('bot.intents_held', queued=len(queued), kept=len(kept))
     state.enqueue(kept)
@@ -407,7 +413,7 @@ async def _sync_broker_side(state: BotState, ems: OrderClient) -> None:
         runner.sync_order(status)
     listed = {s.oid for s in working}
     asked = {o.oid: o.fqme for o in runner.ctx.open_orders()
-             if o.oid not in listed and o.oid not in state.carried}
+             if o.oid not in listed and o.oid not in state.unsent}
     if asked:
         reply = await ems.resolve(asked)
         why = ('lost in flight when emsd died; not re-sent' if state.lost_link == 'emsd'
@@ -421,21 +427,30 @@ async def _sync_broker_side(state: BotState, ems: OrderClient) -> None:
     for fqme in state.scfg.markets:
         runner.sync_position(fqme, ems.start_position(fqme, state.scfg.account))
     state.enqueue(runner.cancels_to_resend())
-    state.carried = set()
 
 
 async def _send_intents(ems: OrderClient, state: BotState) -> None:
-    async for intent in state.intents_rx:
-        try:
-            await _send_one(ems, intent)
-        except (trio.BrokenResourceError, trio.ClosedResourceError,
-                tractor._exceptions.TransportClosed) as err:
-            raise LinkLost('emsd', f'emsd lost: {_describe(err)}') from err
+    """The one task that hands intents to emsd, in the order they were made."""
+    state.sender_alive = True
+    try:
+        async for intent in state.intents_rx:
+            state.sending = True
+            try:
+                await _send_one(ems, intent, state)
+            except (trio.BrokenResourceError, trio.ClosedResourceError,
+                    tractor._exceptions.TransportClosed) as err:
+                raise LinkLost('emsd', f'emsd lost: {_describe(err)}') from err
+            finally:
+                state.sending = False
+    finally:
+        state.sender_alive = False
 
 
-async def _send_one(ems: Any, intent: Order | Cancel) -> None:
+async def _send_one(ems: Any, intent: Order | Cancel, state: BotState) -> None:
     match intent:
         case Order():
+            # from here on it may reach emsd: a lost link resolves it by oid
+            state.unsent.discard(intent.oid)
             log.info('order.send', oid=intent.oid, fqme=intent.fqme, action=intent.action,
                      size=intent.size, kind=intent.kind, price=intent.price)
             await ems.send(intent)
@@ -521,13 +536,18 @@ async def _graceful_stop(state: BotState, wait_acks: bool = True) -> None:
     state.enqueue(runner.ctx.drain_intents())
     ems = state.ems
     with trio.move_on_after(STOP_FLUSH_SECS) as cs:
-        while ems is not None:
+        # one consumer at a time, so intents leave in the order they were made:
+        # the session's sender when it runs, else this task
+        while ems is not None and state.sender_alive and (
+                state.sending or state.intents_rx.statistics().current_buffer_used):
+            await trio.sleep(0.005)
+        while ems is not None and not state.sender_alive:
             try:
                 intent = state.intents_rx.receive_nowait()
             except trio.WouldBlock:
                 break
             try:
-                await _send_one(ems, intent)
+                await _send_one(ems, intent, state)
             except Exception as err:
                 log.error('bot.stop_flush_failed', error=_describe(err))
                 ems = None

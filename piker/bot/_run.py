@@ -28,7 +28,6 @@ from ..service import (
     EXIT_ESCALATED,
     PIKERD,
     ConfigMismatch,
-    RestartPolicy,
     Runtime,
     SdNotifier,
     find_service,
@@ -127,7 +126,7 @@ async def run_bot(
         stale_after_secs=cfg.health.stale_after_secs,
         state_dir=str(state_dir), stop_timeout_secs=cfg.stop_timeout_secs,
         handle_signals=True,
-        supervision=msgspec.convert(msgspec.to_builtins(cfg.supervision), RestartPolicy),
+        supervision=cfg.supervision,
     ) as rt:
         async with trio.open_nursery() as nursery:
             started = False
@@ -164,7 +163,7 @@ async def run_bot(
             final: RunSummary | None = None
             with trio.CancelScope(shield=True):
                 finals = await _stop_strategies(
-                    names, timeout_secs=rt.stop_timeout_secs * STRATEGY_STOP_SHARE)
+                    names, rt, timeout_secs=rt.stop_timeout_secs * STRATEGY_STOP_SHARE)
                 await _stop_services(names, rt, rt.stop_timeout_secs * STRATEGY_CANCEL_SHARE)
                 with trio.move_on_after(max(deadline - trio.current_time(), 0.5)):
                     final = await collect_summary(cfg, [], strategies=finals,
@@ -274,8 +273,10 @@ async def _wait_settled(names: list[str], poll_secs: float = 0.2) -> dict[str, A
 async def _monitor(rt: Runtime, names: list[str]) -> None:
     """End the session (exit 1) once every strategy has failed; as an
     attached client, once pikerd is gone."""
-    while True:
+    while not rt.stop_requested.is_set():
         await trio.sleep(MONITOR_PERIOD_SECS)
+        if rt.stop_requested.is_set():
+            return
         if not rt.is_pikerd and not registry_answers(rt.registry_addr):
             rt.request_stop('pikerd is gone: its strategies died with it', EXIT_FAILED)
             return
@@ -293,7 +294,6 @@ async def _drive_replay(cfg: BotCfg, span: tuple[int, int], rt: Runtime) -> None
     """Advance samplerd's driven clock through the replay files, one step of
     the shortest strategy timeframe per ``step / speed`` seconds; the session
     ends when the files do."""
-    from ..data import advance_clock
     step = min(s.timeframe_secs for s in cfg.strategies)
     pause_secs = step / cfg.brokers.replay.speed
     start, end = span
@@ -302,21 +302,40 @@ async def _drive_replay(cfg: BotCfg, span: tuple[int, int], rt: Runtime) -> None
              speed=cfg.brokers.replay.speed)
     while epoch < end and not rt.stop_requested.is_set():
         epoch = min(epoch + step, end)
-        await advance_clock(epoch)
+        await _advance(epoch)
         await trio.sleep(pause_secs)
     # one more step lets the last bar's increment reach the strategies
-    await advance_clock(epoch + step)
+    await _advance(epoch + step)
     await trio.sleep(max(pause_secs, 0.5))
     log.info('replay.finished', end_epoch=end)
     rt.request_stop('the replay files ended')
 
 
-async def _stop_strategies(names: list[str], timeout_secs: float) -> list[dict[str, Any]]:
+async def _advance(epoch: float, timeout_secs: float = 30.0) -> None:
+    """One driven-clock step; a samplerd that died mid-call (the call would
+    wait forever) is asked again once pikerd has restarted it."""
+    from ..data import advance_clock
+    while True:
+        with trio.move_on_after(timeout_secs):
+            try:
+                await advance_clock(epoch)
+                return
+            except trio.Cancelled:
+                raise
+            except Exception as err:
+                log.warning('replay.advance_failed', epoch=epoch, error=str(err)[:300])
+                await trio.sleep(1.0)
+                continue
+        log.warning('replay.advance_timeout', epoch=epoch, secs=timeout_secs)
+
+
+async def _stop_strategies(names: list[str], rt: Runtime, timeout_secs: float,
+                           ) -> list[dict[str, Any]]:
     """Stop every strategy concurrently; each answers with its final summary."""
     finals: dict[str, dict[str, Any]] = {}
 
     async def stop_one(name: str) -> None:
-        with trio.move_on_after(timeout_secs):
+        with rt.stop_step(timeout_secs):
             try:
                 async with find_service(name) as portal:
                     if portal is not None:
@@ -338,11 +357,13 @@ async def _stop_services(names: list[str], rt: Runtime, timeout_secs: float) -> 
     (those that do not exit by then are killed)."""
     services = rt.services
     if services is not None:
+        # a second signal cuts this short too: each stop then kills at once
+        timeout_secs = min(timeout_secs, rt.time_left())
         async with trio.open_nursery() as n:
             for name in names:
                 n.start_soon(services.stop, name, timeout_secs)
         return
-    with trio.move_on_after(timeout_secs):
+    with rt.stop_step(timeout_secs):
         async with find_service(PIKERD) as pikerd:
             if pikerd is None:
                 return

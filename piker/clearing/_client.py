@@ -28,7 +28,7 @@ import trio
 
 from ..log import get_logger
 from ..service import call_ctx
-from ..service._proc import wait_pid_exit
+from ..service._proc import cancel_when_gone
 from ._dialog import STREAM_BUFFER
 from ._ems import ems_dialog, maybe_spawn_emsd, status_snapshot
 from ._messages import (
@@ -263,7 +263,7 @@ async def open_ems(
                 async with ctx.open_stream(msg_buffer_size=STREAM_BUFFER) as stream:
                     client = OrderClient(portal, stream, start, account, source)
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_watch_pid, client.pid, session, died)
+                        nursery.start_soon(cancel_when_gone, client.pid, session, died)
                         nursery.start_soon(client._receive)
                         try:
                             yield client
@@ -275,12 +275,3 @@ async def open_ems(
         if session.cancelled_caught:
             raise EmsError(f'emsd did not open the dialog within {OPEN_TIMEOUT_SECS:g} s')
 
-
-async def _watch_pid(pid: int | None, scope: trio.CancelScope, died: list[int]) -> None:
-    """Cancel ``scope`` when emsd's ``pid`` exits (tractor wart 6: a stream
-    with a SIGKILLed actor waits forever)."""
-    if not pid:
-        return
-    await wait_pid_exit(pid)
-    died.append(pid)
-    scope.cancel()

@@ -26,7 +26,7 @@ import trio
 from ..config import PaperCfg, RiskCfg
 from ..log import get_logger
 from ..service import maybe_spawn_daemon
-from ..service._proc import wait_pid_exit
+from ..service._proc import cancel_when_gone
 from ..service._spec import SpecError, resolve_spec
 from ..types import Fqme, FqmeError
 from ._audit import AUDIT_NAME, AuditLog
@@ -563,7 +563,7 @@ class Router:
                         self._on_dialog_start(link)
                         task_status.started(link)
                         async with trio.open_nursery() as n:
-                            n.start_soon(_cancel_on_exit, start.pid, scope)
+                            n.start_soon(cancel_when_gone, start.pid, scope)
                             async for raw in stream:
                                 self.on_broker_msg(link, raw)
                             n.cancel_scope.cancel()
@@ -903,11 +903,6 @@ class Router:
         }
 
 
-async def _cancel_on_exit(pid: int, scope: trio.CancelScope) -> None:
-    """A SIGKILLed broker never closes its stream (tractor hangs on it): watch
-    its pid and tear the dialog down when it exits."""
-    await wait_pid_exit(pid)
-    scope.cancel()
 
 
 def _describe(err: BaseException) -> str:

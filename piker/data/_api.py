@@ -23,7 +23,7 @@ from piker.brokers._protocol import BackendError, get_backend
 from piker.config import ConfigError
 from piker.log import get_logger
 from piker.service import call_ctx
-from piker.service._proc import wait_pid_exit
+from piker.service._proc import cancel_when_gone
 from piker.types import Fqme, FqmeError, resolve_fqme
 
 from ._bus import DEFAULT_HISTORY_BARS, FeedError
@@ -210,7 +210,7 @@ async def open_feed(
                         # the callee, so leaving needs no ctx.cancel() (and no error
                         # log from tractor about a cancelled context)
                         async with ctx.open_stream() as stream, trio.open_nursery() as n:
-                            n.start_soon(_watch_pid, started.get('pid'), session, died)
+                            n.start_soon(cancel_when_gone, started.get('pid'), session, died)
                             if start_stream:
                                 feed.stream = QuoteStream()
                                 await n.start(feed.stream._pump, stream)
@@ -228,14 +228,6 @@ async def open_feed(
         _raise_remote(refused)
 
 
-async def _watch_pid(pid: int | None, scope: trio.CancelScope, died: list[int]) -> None:
-    """Cancel ``scope`` when daemon ``pid`` exits: a context with a SIGKILLed
-    actor would otherwise wait forever (tractor wart 6)."""
-    if not pid:
-        return
-    await wait_pid_exit(pid)
-    died.append(pid)
-    scope.cancel()
 
 
 async def search(backend: str, pattern: str,
@@ -322,7 +314,7 @@ async def open_sample_stream(period_secs: int | Sequence[int]) -> AsyncIterator[
                 if refused is None:
                     incs = IncrementStream(info)
                     async with ctx.open_stream() as stream, trio.open_nursery() as n:
-                        n.start_soon(_watch_pid, info.get('pid'), session, died)
+                        n.start_soon(cancel_when_gone, info.get('pid'), session, died)
                         await n.start(incs._pump, stream)
                         yield incs
                         n.cancel_scope.cancel()

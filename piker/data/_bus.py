@@ -22,7 +22,7 @@ import tractor
 import trio
 
 from piker.log import get_logger
-from piker.service._proc import wait_pid_exit
+from piker.service._proc import cancel_when_gone
 
 from ._bars import BarWriter
 from ._clocks import DrivenClock, FeedClock, WallClock
@@ -274,7 +274,7 @@ class FeedBus:
                         ) as (ctx, info), ctx.open_stream() as stream, \
                                 trio.open_nursery() as n:
                             # a SIGKILLed samplerd never ends the stream: watch its pid
-                            n.start_soon(_cancel_when_gone, info.get('pid'), link, died)
+                            n.start_soon(cancel_when_gone, info.get('pid'), link, died)
                             try:
                                 self._on_linked(info)
                             except Exception as err:
@@ -287,6 +287,7 @@ class FeedBus:
                             self.linked.set()
                             warned = False
                             await self._serve_sampler(stream)
+                            n.cancel_scope.cancel()
                 if died:
                     log.warning('datad.sampler_link_lost', error=f'samplerd (pid {died[0]}) died',
                                 hint='re-linking to the samplerd pikerd starts again')
@@ -514,10 +515,3 @@ class FeedBus:
                 writer.shm.destroy()
         self.feeds.clear()
 
-
-async def _cancel_when_gone(pid: int | None, scope: trio.CancelScope, died: list[int]) -> None:
-    if not pid:
-        return
-    await wait_pid_exit(pid)
-    died.append(pid)
-    scope.cancel()

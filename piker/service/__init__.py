@@ -16,7 +16,6 @@ from ._runtime import open_runtime as open_runtime
 from ._runtime import registry_answers as registry_answers
 from ._sdnotify import SdNotifier as SdNotifier
 from ._services import ConfigMismatch as ConfigMismatch
-from ._services import RestartPolicy as RestartPolicy
 from ._services import ServiceInfo as ServiceInfo
 from ._services import Services as Services
 from ._spec import DaemonSpec as DaemonSpec

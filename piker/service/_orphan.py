@@ -161,6 +161,11 @@ async def exit_with_parent(parent_pid: int | None = None, *,
     if not is_child_actor():
         task_status.started(None)
         return
+    # Ctrl-C signals the whole process group: only the root acts on it (and
+    # stops the tree in order); a child that took it as KeyboardInterrupt
+    # would end before the root could ask it for its final summary
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     armed = arm_parent_death(parent_pid)
     log.debug('orphan.guarded', parent_pid=parent_pid, pdeathsig=armed)
     await watch_parent(parent_pid, task_status=task_status)

@@ -27,6 +27,20 @@ async def wait_pid_exit(pid: int) -> str:
         os.close(fd)
 
 
+async def cancel_when_gone(pid: int | None, scope: trio.CancelScope,
+                           died: list[int] | None = None) -> None:
+    """Cancel ``scope`` once process ``pid`` exits (noting it in ``died``).
+
+    A stream or context with a SIGKILLed actor never ends by itself (tractor
+    waits forever): run this beside it, watching the peer's pid."""
+    if not pid:
+        return
+    await wait_pid_exit(pid)
+    if died is not None:
+        died.append(pid)
+    scope.cancel()
+
+
 def exit_reason(pidfd: int) -> str:
     """How the exited process behind ``pidfd`` ended, read without reaping
     it (``WNOWAIT``: its parent still collects it). Only a parent can ask; for

@@ -18,9 +18,10 @@ from typing import Any
 import tractor
 import trio
 
+from ..config import SupervisionCfg
 from ..log import get_logger, setup_logging
 from ._health import healthd_init, run_heartbeat
-from ._services import RestartPolicy, Services
+from ._services import Services
 
 log = get_logger(__name__)
 
@@ -62,6 +63,8 @@ class Runtime:
         self.stop_reason: str | None = None
         self.exit_code = 0
         self.deadline: float | None = None
+        # shutdown steps under way: a second signal cuts each one short
+        self._stop_scopes: set[trio.CancelScope] = set()
 
     def request_stop(self, reason: str, exit_code: int = 0) -> None:
         if self.stop_requested.is_set():
@@ -79,6 +82,23 @@ class Runtime:
 
     def time_left(self) -> float:
         return max(self.begin_stop() - trio.current_time(), 0.0)
+
+    def stop_step(self, timeout_secs: float) -> trio.CancelScope:
+        """A scope for one shutdown step: ends at ``timeout_secs``, at the stop
+        deadline, or at once on a second signal (:meth:`hurry`), whichever
+        comes first. Use as ``with rt.stop_step(secs): ...``."""
+        scope = trio.CancelScope(
+            deadline=min(trio.current_time() + timeout_secs, self.begin_stop()))
+        if self.deadline is not None and self.deadline <= trio.current_time():
+            scope.cancel()
+        self._stop_scopes.add(scope)
+        return scope
+
+    def hurry(self) -> None:
+        """The second signal: the stop deadline is now, every step ends."""
+        self.deadline = trio.current_time()
+        for scope in list(self._stop_scopes):
+            scope.cancel()
 
 
 def get_services() -> Services | None:
@@ -149,7 +169,7 @@ async def open_runtime(
     stop_timeout_secs: float = 20.0,
     enable_modules: list[str] | None = None,
     handle_signals: bool = False,
-    supervision: RestartPolicy | None = None,
+    supervision: SupervisionCfg | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open this process's root actor on ``registry_addr`` (see module doc).
 
@@ -217,7 +237,7 @@ async def _watch_signals(sigs: Any, rt: Runtime) -> None:
         if rt.stop_requested.is_set():
             log.warning('runtime.signal_again', signal=name,
                         hint='stopping now: what is left of the shutdown is cut short')
-            rt.deadline = trio.current_time()
+            rt.hurry()
             continue
         rt.request_stop(f'signal {name}')
 
@@ -247,7 +267,7 @@ class _Started:
 
 @asynccontextmanager
 async def _open_pikerd(rt: Runtime, heartbeat_secs: float, stale_after_secs: float,
-                       supervision: RestartPolicy | None) -> AsyncIterator[Runtime]:
+                       supervision: SupervisionCfg | None) -> AsyncIterator[Runtime]:
     global _services
     registry_addr = rt.registry_addr
     log.info('pikerd.starting', registry=f'{registry_addr[0]}:{registry_addr[1]}',
@@ -270,13 +290,14 @@ async def _open_pikerd(rt: Runtime, heartbeat_secs: float, stale_after_secs: flo
                     with trio.CancelScope(shield=True):
                         log.info('pikerd.stopping', services=len(services.list()),
                                  secs_left=round(rt.time_left(), 3))
-                        await services.shutdown(rt.begin_stop())
+                        with rt.stop_step(rt.time_left()):
+                            await services.shutdown(rt.begin_stop())
                         nursery.cancel_scope.cancel()
         finally:
             _services = None
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(max(rt.time_left(), 0.5)):
-                    await an.cancel()
+                    await an.cancel(hard_kill=rt.time_left() <= 0)
                 if services is not None:
                     _kill_leftovers(services)
     log.info('pikerd.stopped')

@@ -26,6 +26,7 @@ import msgspec
 import tractor
 import trio
 
+from ..config import SupervisionCfg
 from ..log import get_logger
 from ._proc import pid_alive, wait_pid_exit
 from ._spec import DaemonSpec, config_diff, import_path
@@ -38,17 +39,10 @@ STOP_TIMEOUT_SECS = 5.0
 ServiceState = Literal['running', 'restarting', 'failed', 'stopped']
 
 
-class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """How pikerd restarts a daemon that died (``[supervision]`` in bot.toml)."""
-    # more deaths than this within `window_secs` escalate to a root exit
-    max_restarts: int = 5
-    window_secs: float = 60.0
-    # delay before the first restart; doubled for each further recent death
-    backoff_secs: float = 0.25
-    max_backoff_secs: float = 5.0
-
-    def delay_secs(self, recent_deaths: int) -> float:
-        return min(self.backoff_secs * 2 ** max(recent_deaths - 1, 0), self.max_backoff_secs)
+def restart_delay_secs(policy: SupervisionCfg, recent_deaths: int) -> float:
+    """The backoff before restarting a daemon with ``recent_deaths`` deaths
+    within the policy's window: doubling from ``backoff_secs``."""
+    return min(policy.backoff_secs * 2 ** max(recent_deaths - 1, 0), policy.max_backoff_secs)
 
 
 class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,10 +111,10 @@ class Services:
     """Start, find, supervise and stop daemons under pikerd."""
 
     def __init__(self, actor_nursery: tractor.ActorNursery, nursery: trio.Nursery,
-                 policy: RestartPolicy | None = None) -> None:
+                 policy: SupervisionCfg | None = None) -> None:
         self._an = actor_nursery
         self._nursery = nursery
-        self.policy = policy or RestartPolicy()
+        self.policy = policy or SupervisionCfg()
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._running: dict[str, _Running] = {}
         # every daemon pikerd ever started: its latest spec, restart history
@@ -157,6 +151,8 @@ class Services:
         """
         with trio.CancelScope(shield=True):
             async with self._locks[spec.name]:
+                if self._closing:
+                    raise SpawnError(f'{spec.name}: not started, pikerd is stopping')
                 run = self._running.get(spec.name)
                 if run is not None and not pid_alive(run.info.pid):
                     # died a moment ago: let its supervisor book the death first
@@ -164,26 +160,21 @@ class Services:
                         await run.exited.wait()
                     run = self._running.get(spec.name)
                 if run is not None and not run.stopping:
-                    diff = config_diff(run.spec.config, spec.config)
-                    if diff and match_config:
-                        raise ConfigMismatch(
-                            f'{spec.name} already runs with another config: {"; ".join(diff)} '
-                            '(stop the running tree, or use the config it was started with)')
-                    if diff:
-                        log.warning('service.config_differs', service=spec.name, keys=diff,
-                                    hint='the running daemon keeps its own config')
+                    _check_config(run.spec, spec, match_config, 'already runs')
                     return run.info
                 owned = self._specs.get(spec.name)
                 record = self.records.get(spec.name)
                 if owned is not None and record is not None and record.state == 'restarting':
                     # died and due for a restart: pikerd's spec wins over the asker's
-                    diff = config_diff(owned.config, spec.config)
-                    if diff:
-                        log.warning('service.config_differs', service=spec.name, keys=diff,
-                                    hint='restarted with the config it ran with')
+                    _check_config(owned, spec, match_config, 'is being restarted')
                     spec = owned
                 with trio.fail_after(START_TIMEOUT_SECS):
-                    return await self._nursery.start(self._supervise, spec)
+                    info = await self._nursery.start(self._supervise, spec)
+            if self._closing:
+                # shutdown began while this one was starting: it passed it by
+                await self.stop(spec.name)
+                raise SpawnError(f'{spec.name}: stopped again, pikerd is stopping')
+            return info
 
     async def _supervise(self, spec: DaemonSpec, *,
                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -196,6 +187,7 @@ class Services:
         )
         run: _Running | None = None
         exit_reason = 'its lifetime context ended'
+        started = False
         try:
             with trio.CancelScope() as scope:
                 async with portal.open_context(fixture, **spec.fixture_kwargs) as (ctx, first):
@@ -211,6 +203,7 @@ class Services:
                     log.info('service.started', service=spec.name, pid=info.pid,
                              addr=f'{info.addr[0]}:{info.addr[1]}', restarts=record.restarts)
                     task_status.started(info)
+                    started = True
                     # leave by raising: a normal exit of open_context would
                     # wait for the dead callee's return forever (tractor wart 7)
                     raise _Exited(await wait_pid_exit(info.pid))
@@ -231,8 +224,20 @@ class Services:
             log.error('service.crashed', service=spec.name, error=reason,
                       remote_tb=err.msgdata.get('tb_str', '')[-4000:])
             if not run.stopping:
-                with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_SECS):
-                    await portal.cancel_actor()
+                # the old process must be gone before a new one is started
+                # (its ledger locks, its registry name)
+                await _end_process(portal, run.info.pid)
+        except BaseException:
+            if not started:
+                # cancelled or failed before `started` (a start timeout): nobody
+                # else knows this actor, so end it rather than leak it under its name
+                await _end_process(portal, None)
+            raise
+        finally:
+            booked = self.records.get(spec.name)
+            if (booked is not None and run is not None and booked.pid == run.info.pid
+                    and not pid_alive(run.info.pid)):
+                booked.pid = None
         if run is not None:
             self._running.pop(spec.name, None)
             if not run.stopping:
@@ -276,7 +281,7 @@ class Services:
                 '([supervision] max_restarts / window_secs in bot.toml)')
             return
         record.state = 'restarting'
-        delay = self.policy.delay_secs(len(deaths))
+        delay = restart_delay_secs(self.policy, len(deaths))
         log.warning('service.restarting', service=spec.name, in_secs=delay,
                     restart=record.restarts + 1)
         self._nursery.start_soon(self._restart, spec.name, delay)
@@ -291,7 +296,11 @@ class Services:
             return
         try:
             info = await self.ensure(self._specs[name])
-        except (SpawnError, trio.TooSlowError, OSError) as err:
+        except trio.Cancelled:
+            raise
+        except Exception as err:
+            if self._closing:
+                return
             self._on_death(self._specs[name], 0, f'restart failed: {err}')
             return
         log.warning('service.restarted', service=name, pid=info.pid, restarts=info.restarts)
@@ -350,6 +359,31 @@ class Services:
             async with trio.open_nursery() as n:
                 for name in names:
                     n.start_soon(self.stop, name, left)
+
+
+def _check_config(running: DaemonSpec, asked: DaemonSpec, strict: bool, what: str) -> None:
+    """Raise :class:`ConfigMismatch` (``strict``) or log when configs differ."""
+    diff = config_diff(running.config, asked.config)
+    if diff and strict:
+        raise ConfigMismatch(
+            f'{running.name} {what} with another config: {"; ".join(diff)} '
+            '(stop the running tree, or use the config it was started with)')
+    if diff:
+        log.warning('service.config_differs', service=running.name, keys=diff,
+                    hint='the daemon keeps the config it was started with')
+
+
+async def _end_process(portal: tractor.Portal, pid: int | None) -> None:
+    """Cancel an actor and wait (bounded) for its process to exit; SIGKILL it
+    when it does not."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(STOP_TIMEOUT_SECS / 2):
+            await portal.cancel_actor()
+        if pid is not None:
+            with trio.move_on_after(STOP_TIMEOUT_SECS):
+                await wait_pid_exit(pid)
+            if pid_alive(pid):
+                _kill(pid)
 
 
 def _kill(pid: int) -> None:

@@ -83,6 +83,17 @@ def test_repeated_fill_id_in_ledger_toml_is_counted_once_warned_and_written_once
     assert read_toml(path / POSITIONS_NAME)['positions'][FQME]['size'] == 3
 
 
+def test_piker_ledger_lists_a_repeated_fill_once_with_one_warning_line(tmp_path: Path):
+    state = tmp_path / 'state'
+    path = write_ledger(state, [rec('f1', 2), rec('f2', 1), rec('f1', 2)])
+    res = piker_ledger(state)
+    assert res.returncode == 0, res.stderr
+    assert [r['fill_id'] for r in json.loads(res.stdout)] == ['f1', 'f2']
+    assert res.stderr.splitlines() == [
+        f"piker: warning: {path / LEDGER_NAME}: fill id 'f1' repeated with the same values, "
+        'counted once (the owner writes it back once)']
+
+
 def test_same_fill_id_with_different_values_is_an_error(tmp_path: Path):
     path = write_ledger(tmp_path, [rec('f1', 2), rec('f1', 5)])
     before = snapshot(tmp_path)

@@ -48,6 +48,8 @@ class LoadedLedger(Struct, frozen=True):
     journaled: int
     # journal bytes up to its last whole line; beyond is a torn, unacknowledged write
     journal_whole: int
+    # file -> fill ids repeated in it with the same values (dropped)
+    repeated: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
 
 def load_fills(path: Path, broker: str, account: str, journal: bytes,
@@ -66,7 +68,8 @@ def load_fills(path: Path, broker: str, account: str, journal: bytes,
             log.warning('ledger.duplicate_fills', path=str(file), fill_ids=ids,
                         kept='first', count=len(ids))
     return LoadedLedger(fills=fills.fills, journaled=len(fills.fills) - in_snapshot,
-                        journal_whole=whole)
+                        journal_whole=whole,
+                        repeated={str(f): ids for f, ids in fills.repeated.items()})
 
 
 class _Fills:

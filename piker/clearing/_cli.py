@@ -222,15 +222,19 @@ def ledger(config_path: str | None, registry: str | None, state_dir: str | None,
     from datetime import UTC, datetime
 
     from ..accounting import LedgerError
-    from ._ledger_view import ledger_dirs, read_fills
+    from ._ledger_view import ledger_dirs, load_ledger
     ctx = load_ctx(config_path, registry, state_dir)
     rows: list[dict[str, Any]] = []
     for path in ledger_dirs(ctx.state_dir(), broker, account):
         try:
-            fills = read_fills(path)
+            loaded = load_ledger(path, warn=False)
         except LedgerError as err:
             fail(str(err), code=EXIT_BAD_STATE)
-        for fill in fills:
+        for file, ids in loaded.repeated.items():
+            click.echo(f'piker: warning: {file}: fill id{"s" if len(ids) > 1 else ""} '
+                       f'{", ".join(map(repr, ids))} repeated with the same values, '
+                       'counted once (the owner writes it back once)', err=True)
+        for fill in loaded.fills:
             row = msgspec.to_builtins(fill)
             row['broker'] = row.get('broker') or path.parent.name
             row['account'] = row.get('account') or path.name

@@ -11,11 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..accounting import Fill, LedgerError, Position, positions_from_fills
-from ..accounting._load import JOURNAL_NAME, load_fills
+from ..accounting._load import JOURNAL_NAME, LoadedLedger, load_fills
 
 
 def read_fills(ledger_path: Path | str) -> list[Fill]:
     """Every fill of one ``<state_dir>/accounting/<broker>/<account>`` dir."""
+    return load_ledger(ledger_path).fills
+
+
+def load_ledger(ledger_path: Path | str, *, warn: bool = True) -> LoadedLedger:
+    """:func:`read_fills` with what loading found (``warn=False``: the caller
+    reports repeated fill ids itself instead of a log record)."""
     path = Path(ledger_path)
     jpath = path / JOURNAL_NAME
     # the journal first: a snapshot taken meanwhile holds every fill it did
@@ -25,7 +31,7 @@ def read_fills(ledger_path: Path | str) -> list[Fill]:
         journal = b''
     except OSError as err:
         raise LedgerError(f'{jpath}: cannot read: {err.strerror}') from None
-    return load_fills(path, path.parent.name, path.name, journal).fills
+    return load_fills(path, path.parent.name, path.name, journal, warn=warn)
 
 
 def ledger_dirs(state_dir: Path | str, broker: str | None = None,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import decimal
 import os
+import re
+import stat
 import tempfile
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import structlog
 import tomli_w
 
 DEFAULT_REGISTRY_PORT = 6116
@@ -283,21 +286,110 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+# every state file (TOML snapshots, journals, the audit trail, paper orders) is
+# created with this mode and every directory for state with STATE_DIR_MODE,
+# whatever the umask: owner read/write, the service's group may read (see
+# systemd/README.md), others nothing
+STATE_FILE_MODE = 0o640
+STATE_DIR_MODE = 0o750
+
+_log = structlog.stdlib.get_logger('piker.config')
+_mode_reported: set[str] = set()
+
+
+def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p`` giving every directory it creates :data:`STATE_DIR_MODE`
+    (``Path.mkdir(parents=True)`` leaves intermediate ones to the umask);
+    existing directories are left alone."""
+    target = Path(path)
+    missing: list[Path] = []
+    p = target
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, STATE_DIR_MODE)
+        except FileExistsError:
+            continue  # created by someone else meanwhile: theirs, not ours to chmod
+        os.chmod(d, STATE_DIR_MODE)  # mkdir's mode is masked by the umask
+    return target
+
+
+def _report_mode(path: Path, mode: int, error: str | None = None) -> None:
+    if str(path) in _mode_reported:
+        return
+    _mode_reported.add(str(path))
+    if error is None:
+        _log.warning('state.file_mode_fixed', path=str(path), mode=f'{mode:04o}',
+                     now=f'{STATE_FILE_MODE:04o}')
+    else:
+        _log.warning('state.file_mode_unfixable', path=str(path), mode=f'{mode:04o}',
+                     want=f'{STATE_FILE_MODE:04o}', error=error)
+
+
+def fix_state_file_mode(fd: int, path: str | os.PathLike[str]) -> None:
+    """Give an existing state file opened for writing :data:`STATE_FILE_MODE`,
+    logging the change once per file."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode == STATE_FILE_MODE:
+        return
+    try:
+        os.fchmod(fd, STATE_FILE_MODE)
+    except OSError as err:  # e.g. another owner's file
+        _report_mode(Path(path), mode, err.strerror or str(err))
+        return
+    _report_mode(Path(path), mode)
+
+
+def open_state_file(path: str | os.PathLike[str], flags: int) -> tuple[int, bool]:
+    """Open (creating if need be) a state file for writing; ``(fd, created)``.
+
+    A new file gets :data:`STATE_FILE_MODE` whatever the umask. An existing
+    file keeps its mode here: the caller fixes it with
+    :func:`fix_state_file_mode` once it has accepted the contents (a corrupt
+    ledger is refused and left exactly as it was).
+    """
+    p = Path(path)
+    flags |= os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(p, flags | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE)
+        except FileExistsError:
+            pass
+        else:
+            os.fchmod(fd, STATE_FILE_MODE)  # the open mode is masked by the umask
+            return fd, True
+        try:
+            return os.open(p, flags & ~os.O_CREAT), False
+        except FileNotFoundError:
+            continue  # removed in between: create it after all
+
+
 def write_toml_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Replace ``path`` with ``data`` as TOML so that a crash at any instant leaves
     either the old or the new file, never a torn one.
 
     temp file in the same dir -> write -> fsync -> ``os.replace`` -> fsync the dir.
+    The file gets :data:`STATE_FILE_MODE` whatever the umask (a replaced file
+    of another mode is logged once).
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_state_dir(dest.parent)
     payload = tomli_w.dumps(_plain(data)).encode()
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as fh:
+            os.fchmod(fh.fileno(), STATE_FILE_MODE)
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        try:
+            old_mode = stat.S_IMODE(os.stat(dest).st_mode)
+        except FileNotFoundError:
+            old_mode = STATE_FILE_MODE
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -305,6 +397,8 @@ def write_toml_atomic(path: str | os.PathLike[str], data: Any) -> None:
         except FileNotFoundError:
             pass
         raise
+    if old_mode != STATE_FILE_MODE:
+        _report_mode(dest, old_mode)
     dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -313,20 +407,43 @@ def write_toml_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def read_toml(path: str | os.PathLike[str], exact: bool = False) -> dict[str, Any]:
-    """Read a state file; ``{}`` when absent. ``exact`` reads floats as Decimal."""
+    """Read a state file; ``{}`` when absent. ``exact`` reads floats as Decimal.
+
+    A corrupt file is a :class:`ConfigError` ``<path>:<line>: corrupt state file: ...``."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
         return {}
+    return parse_state_toml(p, raw, exact)
+
+
+_TOML_AT = re.compile(r'\(at line (\d+), column \d+\)$')
+
+
+def parse_state_toml(path: Path, raw: bytes, exact: bool = False) -> dict[str, Any]:
+    """:func:`read_toml` on bytes already read (a caller that also needs the
+    text, e.g. to name the line of a bad record)."""
     parse_float = decimal.Decimal if exact else float
     try:
-        return tomllib.loads(raw.decode(), parse_float=parse_float)
+        text = raw.decode()
     except UnicodeDecodeError as err:
-        raise ConfigError(f'{p}: corrupt state file: not UTF-8 text (byte {err.start}); '
-                          'restore it from a backup or move it aside') from None
+        line = raw.count(b'\n', 0, err.start) + 1
+        raise ConfigError(
+            f'{path}:{line}: corrupt state file: not UTF-8 text (byte {err.start}); '
+            'restore it from a backup or move it aside') from None
+    try:
+        return tomllib.loads(text, parse_float=parse_float)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f'{p}: corrupt state file: {err}') from None
+        msg = str(err)
+        at = _TOML_AT.search(msg)
+        if at:
+            line, msg = int(at.group(1)), msg[:at.start()].rstrip()
+        else:  # "(at end of document)": a truncated file
+            line = max(1, len(text.splitlines()))
+        raise ConfigError(
+            f'{path}:{line}: corrupt state file: {msg}; restore it from a backup '
+            'or move it aside') from None
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> int:

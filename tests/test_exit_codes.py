@@ -170,7 +170,7 @@ def test_corrupt_ledger_is_a_failed_start_naming_the_file_exit_1(reg_addr, tmp_p
     assert res.returncode == 1, res.stderr[-3000:]
     [line] = error_lines(res.stderr)
     assert 'no strategy is running after startup' in line
-    assert f'{ledger}: corrupt state file: not UTF-8 text' in line
+    assert f'{ledger}:2: corrupt state file: not UTF-8 text' in line
     assert 'Traceback' not in res.stderr
     assert ledger.read_bytes() == before
 

@@ -16,9 +16,17 @@ Layout under ``<state_dir>/accounting/<broker>/<account>/``:
 
 Both TOML files are snapshots written atomically (``write_toml_atomic``) once
 the journal holds ``max(compact_every, total_fills // 4)`` fills, and on
-:meth:`Ledger.close`; after a snapshot the journal is emptied. A crash between the two steps only leaves fills in both places,
-which loading de-duplicates by ``fill_id``. Positions are always recomputed from
-the fills on load, never trusted from ``positions.toml``.
+:meth:`Ledger.close`; after a snapshot the journal is emptied. A crash between
+the two steps only leaves fills in both places, which loading de-duplicates by
+``fill_id``.
+
+Loading trusts nothing (``_load.py``): a record that is not a valid fill of
+this ledger is a :class:`LedgerError` naming file and line, raised before
+anything is written. Positions are always recomputed from the fills, never
+trusted from ``positions.toml``; an unreadable or disagreeing one is rewritten
+from them with a warning. Files are created ``STATE_FILE_MODE`` (0640) and
+directories ``STATE_DIR_MODE`` (0750) whatever the umask; an existing journal
+of another mode is fixed once the ledger has loaded.
 """
 from __future__ import annotations
 
@@ -29,24 +37,29 @@ from typing import Any
 
 import msgspec
 
-from ..config import ConfigError, read_toml, remove_stale_temps, write_toml_atomic
+from ..config import (
+    ConfigError,
+    ensure_state_dir,
+    fix_state_file_mode,
+    open_state_file,
+    read_toml,
+    remove_stale_temps,
+    write_toml_atomic,
+)
 from ..log import get_logger
+from ._load import JOURNAL_NAME as JOURNAL_NAME
+from ._load import LEDGER_NAME as LEDGER_NAME
+from ._load import LedgerError as LedgerError
+from ._load import load_fills
 from ._locks import locked_by_message
 from ._positions import Fill, Position, apply_fill, validate_fill
 
 log = get_logger(__name__)
 
-JOURNAL_NAME = 'journal.jsonl'
-LEDGER_NAME = 'ledger.toml'
 POSITIONS_NAME = 'positions.toml'
 DEFAULT_COMPACT_EVERY = 500
 
 _encode = msgspec.json.Encoder().encode
-_decode_fill = msgspec.json.Decoder(Fill).decode
-
-
-class LedgerError(Exception):
-    """A ledger that cannot be opened or a fill that cannot be recorded."""
 
 
 def _safe_component(value: str, what: str) -> str:
@@ -115,15 +128,20 @@ class Ledger:
         if sync not in ('always', 'deferred'):
             raise LedgerError(f"`sync` must be 'always' or 'deferred', got {sync!r}")
         path = ledger_dir(Path(state_dir), broker, account)
-        path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        fd = _open_journal(path / JOURNAL_NAME)
+        ensure_state_dir(path)
+        jpath = path / JOURNAL_NAME
+        if not jpath.exists():
+            # a corrupt snapshot is refused before anything is created next to it
+            load_fills(path, broker, account, b'', warn=False)
+        fd = _open_journal(jpath)
         ledger = cls(path, broker, account, fd, compact_every, sync)
         try:
             ledger._load()
         except BaseException:
             ledger._release()
             raise
+        fix_state_file_mode(fd, jpath)
+        remove_stale_temps(path)
         log.info(
             'ledger.open', broker=broker, account=account,
             fills=len(ledger._fills), journaled=ledger._journaled, path=str(path),
@@ -131,52 +149,35 @@ class Ledger:
         return ledger
 
     def _load(self) -> None:
-        snap = self.path / LEDGER_NAME
-        data = read_toml(snap)
-        try:
-            fills = msgspec.convert(data.get('fills', []), list[Fill])
-        except msgspec.ValidationError as err:
-            raise LedgerError(f'{snap}: bad fill record: {err}') from None
-        for fill in fills:
+        assert self._fd is not None
+        raw = _read_all(self._fd)
+        loaded = load_fills(self.path, self.broker, self.account, raw)
+        for fill in loaded.fills:
             self._record(fill)
-        for fill in self._replay_journal():
-            if fill.fill_id not in self._ids:
-                self._record(fill)
-                self._journaled += 1
+        self._journaled = loaded.journaled
+        if loaded.journal_whole != len(raw):
+            # the torn last line was never acknowledged: drop it
+            log.warning('ledger.journal_repaired', path=str(self.path / JOURNAL_NAME),
+                        dropped_bytes=len(raw) - loaded.journal_whole)
+            os.ftruncate(self._fd, loaded.journal_whole)
+            os.fsync(self._fd)
         self._check_positions_snapshot()
 
     def _check_positions_snapshot(self) -> None:
+        """positions.toml is derived: when unreadable or not the fold of the
+        fills it claims to cover, rewrite it from the fills (with a warning)."""
         snap = self.path / POSITIONS_NAME
-        data = read_toml(snap)
-        if data.get('fills_applied') != len(self._fills):
-            return  # older snapshot: the journal holds newer fills
-        if _convert_positions(data, snap) != self._positions:
-            log.warning('ledger.positions_snapshot_mismatch', path=str(snap))
-
-    def _replay_journal(self) -> list[Fill]:
-        assert self._fd is not None
-        jpath = self.path / JOURNAL_NAME
-        raw = _read_all(self._fd)
-        fills: list[Fill] = []
-        good_len = 0
-        lines = raw.split(b'\n')
-        # the element after the last newline is b'' or a torn, unacknowledged write
-        for lineno, line in enumerate(lines[:-1], start=1):
-            try:
-                fills.append(_decode_fill(line))
-            except msgspec.DecodeError as err:
-                if lineno == len(lines) - 1:
-                    break  # torn last line whose newline happened to land
-                raise LedgerError(
-                    f'{jpath}:{lineno}: corrupt journal line ({err}); only the last '
-                    'line can be torn by a crash - restore this file from a backup'
-                ) from None
-            good_len += len(line) + 1
-        if good_len != len(raw):
-            log.warning('ledger.journal_repaired', path=str(jpath), dropped_bytes=len(raw) - good_len)
-            os.ftruncate(self._fd, good_len)
-            os.fsync(self._fd)
-        return fills
+        try:
+            data = read_toml(snap)
+            if not data or data.get('fills_applied') != len(self._fills):
+                return  # absent, or older: the next snapshot rewrites it
+            if _convert_positions(data, snap) == self._positions:
+                return
+            reason = f'differs from the {len(self._fills)} fills of the ledger'
+        except ConfigError as err:
+            reason = str(err)
+        log.warning('ledger.positions_rebuilt', path=str(snap), reason=reason)
+        write_toml_atomic(snap, positions_doc(self))
 
     # -- queries -----------------------------------------------------------
 
@@ -327,8 +328,7 @@ def _convert_positions(data: dict[str, Any], snap: Path) -> dict[str, Position]:
 
 
 def _open_journal(jpath: Path) -> int:
-    existed = jpath.exists()
-    fd = os.open(jpath, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd, created = open_state_file(jpath, os.O_RDWR | os.O_APPEND)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -338,7 +338,7 @@ def _open_journal(jpath: Path) -> int:
             or f'{jpath} is locked by another process; only one actor may own a ledger '
             '(is another paperboi/emsd running on this state dir?)'
         ) from None
-    if not existed:
+    if created:
         dir_fd = os.open(jpath.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)

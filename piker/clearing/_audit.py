@@ -2,7 +2,8 @@
 
 Every operator action on emsd (halt, resume, cancel_all, flatten) and every
 automatic halt is one JSON line, written with a single ``os.write`` and
-fsynced, so the trail survives a crash the instant after the action.
+fsynced, so the trail survives a crash the instant after the action. The
+file is ``STATE_FILE_MODE`` (0640) whatever the umask, like every state file.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from ..config import ensure_state_dir, fix_state_file_mode, open_state_file
 from ..log import get_logger
 
 log = get_logger(__name__)
@@ -24,7 +26,7 @@ _encode = msgspec.json.Encoder().encode
 class AuditLog:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_state_dir(self.path.parent)
 
     def record(self, action: str, by: str, **fields: Any) -> dict[str, Any]:
         """Append one record and log it as ``audit.<action>``; returns it."""
@@ -36,8 +38,10 @@ class AuditLog:
             **fields,
         }
         line = _encode(entry) + b'\n'
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd, created = open_state_file(self.path, os.O_WRONLY | os.O_APPEND)
         try:
+            if not created:
+                fix_state_file_mode(fd, self.path)
             os.write(fd, line)
             os.fsync(fd)
         finally:

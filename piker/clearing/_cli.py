@@ -5,7 +5,10 @@ command's duration (mode and backends from bot.toml). ``ledger`` only reads
 the files under the state dir. Output is a table on a TTY and JSON with
 ``--json`` (or when stdout is not a TTY). Exit status: 0 when the request did
 what was asked, 1 when it was rejected or failed (the reason is one line on
-stderr), 2 for usage errors.
+stderr), 2 for usage errors and for a corrupt state file (``piker ledger`` on
+a ledger that does not load: ``piker: error: <file>:<line>: ...``; like a bad
+config it needs an operator, so systemd's ``RestartPreventExitStatus=2``
+applies and retrying cannot help).
 """
 from __future__ import annotations
 
@@ -16,11 +19,13 @@ from typing import Any
 import click
 import msgspec
 
-from ..cli import Ctx, common_options, emit_table, fail, load_ctx, main, run_trio
+from ..cli import EXIT_USAGE, Ctx, common_options, emit_table, fail, load_ctx, main, run_trio
 from ..types import Fqme, FqmeError
 from ._messages import Status
 
 EXIT_REJECTED = 1
+# a state file that does not load (corrupt ledger): like a bad config, an operator must act
+EXIT_BAD_STATE = EXIT_USAGE
 ORDER_TIMEOUT_SECS = 60.0
 
 
@@ -216,11 +221,20 @@ def ledger(config_path: str | None, registry: str | None, state_dir: str | None,
     """Every recorded fill, from the ledgers under the state dir (read-only)."""
     from datetime import UTC, datetime
 
-    from ._ledger_view import ledger_dirs, read_fills
+    from ..accounting import LedgerError
+    from ._ledger_view import ledger_dirs, load_ledger
     ctx = load_ctx(config_path, registry, state_dir)
     rows: list[dict[str, Any]] = []
     for path in ledger_dirs(ctx.state_dir(), broker, account):
-        for fill in read_fills(path):
+        try:
+            loaded = load_ledger(path, warn=False)
+        except LedgerError as err:
+            fail(str(err), code=EXIT_BAD_STATE)
+        for file, ids in loaded.repeated.items():
+            click.echo(f'piker: warning: {file}: fill id{"s" if len(ids) > 1 else ""} '
+                       f'{", ".join(map(repr, ids))} repeated with the same values, '
+                       'counted once (the owner writes it back once)', err=True)
+        for fill in loaded.fills:
             row = msgspec.to_builtins(fill)
             row['broker'] = row.get('broker') or path.parent.name
             row['account'] = row.get('account') or path.name

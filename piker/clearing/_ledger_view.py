@@ -2,38 +2,36 @@
 
 :class:`~piker.accounting.Ledger` takes an exclusive lock (one writer per
 ledger); these readers take none, so ``piker ledger`` works while paperboi
-runs. They read the TOML snapshot plus the journal and skip a torn last
-journal line exactly as the ledger's own loader does.
+runs. They load through the ledger's own loader, so they see the same fills
+or raise the same :class:`~piker.accounting.LedgerError` (file and line) on a
+corrupt ledger, and skip a torn last journal line without repairing it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import msgspec
-
-from ..accounting import Fill, Position, positions_from_fills
-from ..accounting._ledger import JOURNAL_NAME, LEDGER_NAME
-from ..config import read_toml
+from ..accounting import Fill, LedgerError, Position, positions_from_fills
+from ..accounting._load import JOURNAL_NAME, LoadedLedger, load_fills
 
 
 def read_fills(ledger_path: Path | str) -> list[Fill]:
     """Every fill of one ``<state_dir>/accounting/<broker>/<account>`` dir."""
+    return load_ledger(ledger_path).fills
+
+
+def load_ledger(ledger_path: Path | str, *, warn: bool = True) -> LoadedLedger:
+    """:func:`read_fills` with what loading found (``warn=False``: the caller
+    reports repeated fill ids itself instead of a log record)."""
     path = Path(ledger_path)
-    fills = msgspec.convert(read_toml(path / LEDGER_NAME).get('fills', []), list[Fill])
-    seen = {f.fill_id for f in fills}
+    jpath = path / JOURNAL_NAME
+    # the journal first: a snapshot taken meanwhile holds every fill it did
     try:
-        raw = (path / JOURNAL_NAME).read_bytes()
+        journal = jpath.read_bytes()
     except FileNotFoundError:
-        raw = b''
-    for line in raw.split(b'\n')[:-1]:
-        try:
-            fill = msgspec.json.decode(line, type=Fill)
-        except msgspec.DecodeError:
-            continue  # a torn write was never acknowledged
-        if fill.fill_id not in seen:
-            seen.add(fill.fill_id)
-            fills.append(fill)
-    return fills
+        journal = b''
+    except OSError as err:
+        raise LedgerError(f'{jpath}: cannot read: {err.strerror}') from None
+    return load_fills(path, path.parent.name, path.name, journal, warn=warn)
 
 
 def ledger_dirs(state_dir: Path | str, broker: str | None = None,

@@ -20,7 +20,10 @@ Durability: every fill is applied to the account's :class:`Ledger` (fsynced)
 *before* its ``BrokerdFill`` is returned. Resting orders are persisted
 atomically to ``<state_dir>/paper/<broker>/orders.toml`` on every change, and a
 new engine on the same ``state_dir`` reloads them, so resting paper orders
-survive a restart. Fill ids are deterministic (``<reqid>-<n>``, ``reqid`` =
+survive a restart; a corrupt orders file is set aside as
+``orders.toml.corrupt-<ts>``, rebuilt from the records it still holds (minus
+those the ledger shows filled), and every order it loses is named in one
+``paper.orders_lost`` error record. Fill ids are deterministic (``<reqid>-<n>``, ``reqid`` =
 ``paper-<oid>``; paper fills are whole, so ``n`` is 1): if the process dies
 after the ledger write but before the orders file drops the order, the
 reloading engine finds that fill id in the ledger and drops the order, and a
@@ -29,18 +32,19 @@ re-sent fill would be ignored by the ledger - a fill is never counted twice.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
-from ..accounting import Fill, Ledger
+from ..accounting import Fill, Ledger, LedgerError, ledger_dir
 from ..config import (
-    ConfigError,
     FeesCfg,
     PaperCfg,
-    read_toml,
+    ensure_state_dir,
     remove_stale_temps,
     write_toml_atomic,
 )
@@ -56,6 +60,7 @@ from ._messages import (
     BrokerdStatus,
     BrokerEvent,
 )
+from ._paper_orders import LostOrder, read_orders_file
 
 log = get_logger(__name__)
 
@@ -118,8 +123,9 @@ class PaperEngine:
         self.broker = broker
         self.fees = fees
         self._ledger_for = ledger_for
-        self._dir = Path(state_dir) / 'paper' / broker
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._state_root = Path(state_dir)
+        self._dir = self._state_root / 'paper' / broker
+        ensure_state_dir(self._dir)
         remove_stale_temps(self._dir)
         self._quotes: dict[str, PaperQuote] = {}
         self._resting: dict[str, BrokerdOrder] = self._load()
@@ -134,14 +140,46 @@ class PaperEngine:
     # -- persistence ---------------------------------------------------------
 
     def _load(self) -> dict[str, BrokerdOrder]:
-        data = read_toml(self.orders_path)
+        """Resting orders from disk; a corrupt file is set aside and rebuilt
+        from what it still holds, and what it does not is reported (see
+        :mod:`._paper_orders`), since paperboi must clear with or without it."""
+        path = self.orders_path
         try:
-            orders = msgspec.convert(data.get('orders', []), list[BrokerdOrder])
-        except msgspec.ValidationError as err:
-            raise ConfigError(
-                f'{self.orders_path}: bad resting order: {err} (fix or remove the entry)'
-            ) from None
-        return {o.oid: o for o in orders}
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        loaded = read_orders_file(path, raw, self.broker, self._state_root)
+        orders = {o.oid: o for o in loaded.orders}
+        if not loaded.problems:
+            return orders
+        aside = _set_aside(path)
+        log.warning('paper.orders_rebuilt', path=str(path), set_aside=str(aside),
+                    kept=len(orders), problems=loaded.problems[:20])
+        lost = [x for x in loaded.lost if not self._filled_per_ledger(x)]
+        if lost:
+            log.error(
+                'paper.orders_lost', path=str(path), set_aside=str(aside),
+                oids=[x.oid for x in lost if x.oid],
+                unreadable_records=sum(1 for x in lost if not x.oid),
+                reasons=[f'line {x.line}: {x.reason}' for x in lost][:20],
+                fix='re-place these orders if they should still rest',
+            )
+        write_toml_atomic(path, {'orders': [msgspec.to_builtins(o) for o in orders.values()]})
+        return orders
+
+    def _filled_per_ledger(self, lost: LostOrder) -> bool:
+        """A lost record whose fill the ledger holds was not resting anyway."""
+        if not lost.oid or not lost.account:
+            return False
+        try:
+            if not ledger_dir(self._state_root, self.broker, lost.account).is_dir():
+                return False
+        except LedgerError:
+            return False
+        if f'{reqid_for(lost.oid)}-1' not in self._ledger_for(lost.account):
+            return False
+        log.warning('paper.order_already_filled', oid=lost.oid, reqid=reqid_for(lost.oid))
+        return True
 
     def _drop_already_filled(self) -> None:
         """A crash between the ledger write and the orders-file update leaves a
@@ -349,3 +387,21 @@ def _crosses(order: BrokerdOrder, touch: float) -> bool:
     if order.action == 'buy':
         return touch <= order.price
     return touch >= order.price
+
+
+def _set_aside(path: Path) -> Path:
+    """Keep a corrupt file as ``<name>.corrupt-<UTC time>`` (a hard link, so
+    the name always holds either it or its replacement)."""
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+    aside = path.with_name(f'{path.name}.corrupt-{stamp}')
+    n = 0
+    while True:
+        try:
+            os.link(path, aside)
+            return aside
+        except FileExistsError:
+            n += 1
+            aside = path.with_name(f'{path.name}.corrupt-{stamp}-{n}')
+        except OSError:  # no hard links here: a copy will do
+            shutil.copyfile(path, aside)
+            return aside

@@ -1,6 +1,7 @@
 """The risk gate: each rule rejects what it should and passes what it should."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import msgspec
@@ -225,3 +226,20 @@ def test_max_notional_holds_the_worst_case_of_each_side(gate: RiskGate):
     # a buy limit above the last price is valued at its price
     rej = check(gate, order(size=50, kind='limit', price=1_020), last=1_000)
     assert rej is not None and '50 x 1020' in rej.reason
+
+
+# -- limits that cannot be compared never switch a rule off ------------------------
+
+@pytest.mark.parametrize('value', [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize('name', ['max_order_size', 'max_position', 'max_notional',
+                                  'max_orders_per_min', 'price_band_frac',
+                                  'daily_loss_limit'])
+def test_a_non_finite_limit_refuses_every_order_naming_the_setting(
+    tmp_path: Path, name: str, value: float,
+):
+    bad = RiskGate(msgspec.structs.replace(CFG, **{name: value}), tmp_path / 'h.toml')
+    for o in (order(size=1), order(size=1, action='sell'), order(kind='limit', price=100)):
+        rej = check(bad, o)
+        assert rej is not None and rej.rule == 'bad_limit'
+        assert f'risk.{name} = {value!r} is not a finite number' in rej.reason
+        assert 'bot.toml [risk]' in rej.reason

@@ -5,8 +5,8 @@ Pure and sync: the caller passes the last price, the market's
 the clock, so every rule is testable without an event loop. Rules, in the
 order they are checked (the first failing one is reported):
 
-``halted``, ``invalid_order``, ``max_order_size``, ``no_quote``, ``price_band``,
-``max_notional``, ``max_position``, ``max_orders_per_min``.
+``halted``, ``invalid_order``, ``bad_limit``, ``max_order_size``, ``no_quote``,
+``price_band``, ``max_notional``, ``max_position``, ``max_orders_per_min``.
 
 Choices worth knowing:
 - ``max_position`` and ``max_notional`` hold against the worst case on the
@@ -18,6 +18,9 @@ Choices worth knowing:
   possible. Crossing flat counts as growing;
 - notional is ``|worst case| x price`` with the price the last one, or a
   limit/stop price above it;
+- a limit that is not a finite number (``inf``, ``nan``) never switches a
+  rule off: every order that trades is refused (``bad_limit``) naming the
+  setting;
 - limit and stop orders need a quote too: without a last price the price band
   cannot be checked, and a fat-fingered limit is what the band exists for;
 - ``alert`` orders never trade, so only the halt and input checks apply;
@@ -47,6 +50,8 @@ log = get_logger(__name__)
 
 _MINUTE_NS = 60 * 1_000_000_000
 _SIZE_EPS = 1e-9
+_LIMITS = ('max_order_size', 'max_position', 'max_notional', 'max_orders_per_min',
+           'price_band_frac', 'daily_loss_limit')
 
 
 class RiskRejection(Struct, frozen=True):
@@ -88,6 +93,9 @@ class RiskGate:
         self._accepted = 0
         self._rejected: Counter[str] = Counter()
         self._last_day_pnl: float | None = None
+        self._bad_limit = _bad_limit(cfg)
+        if self._bad_limit is not None:
+            log.error('risk.bad_limit', reason=self._bad_limit.reason)
         self._halt = self._load_halt()
 
     # -- halt ----------------------------------------------------------------
@@ -212,6 +220,8 @@ class RiskGate:
             return bad
         if order.kind == 'alert':
             return None
+        if self._bad_limit is not None:
+            return self._bad_limit
         cfg = self.cfg
         if order.size > cfg.max_order_size:
             return RiskRejection(
@@ -291,6 +301,21 @@ def _worst(order: Order, others: Exposure, adds: float) -> str:
     working = others.buys if side == 'buy' else others.sells
     return (f'if every working {side} fills: holding {_fmt(others.position)}, '
             f'other working {side}s {_fmt(working)}, this order {_fmt(adds)}')
+
+
+def _bad_limit(cfg: RiskCfg) -> RiskRejection | None:
+    """A limit the gate cannot compare against (``inf`` or ``nan`` would
+    switch its rule off): every trading order is refused instead."""
+    for name in _LIMITS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            return RiskRejection(
+                rule='bad_limit',
+                reason=f'risk.{name} = {value!r} is not a finite number, so it cannot be '
+                'checked and every order is refused: set it in bot.toml [risk]',
+            )
+    return None
 
 
 def _iso(ts_ns: int) -> str:

@@ -1,6 +1,7 @@
 """The risk gate: each rule rejects what it should and passes what it should."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -243,3 +244,56 @@ def test_a_non_finite_limit_refuses_every_order_naming_the_setting(
         assert rej is not None and rej.rule == 'bad_limit'
         assert f'risk.{name} = {value!r} is not a finite number' in rej.reason
         assert 'bot.toml [risk]' in rej.reason
+
+
+# -- a halt file that cannot be read keeps trading halted --------------------------
+
+UNREADABLE_HALT_FILES = {
+    'empty': (b'', 'it is empty'),
+    'binary': (bytes(range(256)) * 4, 'not UTF-8 text'),
+    'garbage_toml': (b'halted = = yes\n[[[', 'corrupt state file'),
+    'halted_not_bool': (b'halted = "no"\n', "`halted` must be true or false, found 'no'"),
+    'halted_missing': (b'reason = "maintenance"\n', 'no `halted` field'),
+    'halt_record_wrong_type': (b'halted = true\n[halt]\nreason = 1\nby = "ops"\nsince_ns = 0\n',
+                               'the [halt] record is unreadable'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(UNREADABLE_HALT_FILES))
+def test_an_unreadable_halt_file_means_halted_naming_the_file_and_the_fix(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture,
+):
+    payload, problem = UNREADABLE_HALT_FILES[case]
+    path = tmp_path / 'risk' / 'halt.toml'
+    path.parent.mkdir()
+    path.write_bytes(payload)
+    caplog.set_level(logging.INFO)
+    gate = RiskGate(CFG, path)
+    assert gate.halted
+    rej = check(gate, order())
+    assert rej is not None and rej.rule == 'halted'
+    assert str(path) in rej.reason and problem in rej.reason
+    assert 'restore it, or run `piker bot resume` to clear it' in rej.reason
+    errors = [r.msg for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [e['event'] for e in errors] == ['risk.halt_file_unreadable']
+    assert errors[0]['path'] == str(path) and errors[0]['fix'].startswith('restore it')
+    assert path.read_bytes() == payload          # evidence is left alone
+    # an operator's resume rewrites it properly
+    gate.resume(by='alice')
+    assert read_toml(path)['halted'] is False
+    assert not RiskGate(CFG, path).halted
+
+
+def test_a_halt_file_that_is_a_directory_means_halted(tmp_path: Path):
+    path = tmp_path / 'halt.toml'
+    path.mkdir()
+    gate = RiskGate(CFG, path)
+    assert gate.halted and gate.halt_state is not None
+    assert str(path) in gate.halt_state.reason and 'cannot be read' in gate.halt_state.reason
+
+
+def test_an_absent_or_resumed_halt_file_means_not_halted(tmp_path: Path):
+    path = tmp_path / 'halt.toml'
+    assert not RiskGate(CFG, path).halted
+    path.write_text('halted = false\nresumed_by = "alice"\n')
+    assert not RiskGate(CFG, path).halted

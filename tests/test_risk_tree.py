@@ -7,6 +7,7 @@ import signal
 
 import trio
 
+from piker.config import read_toml
 from tests.conftest import spawn_piker
 from tests.test_order_cli import piker, statuses
 from tests.test_service import wait_registry
@@ -56,4 +57,36 @@ async def test_resting_limit_buys_never_let_market_sells_past_max_position(
             assert line.startswith('piker: error: order') and 'rejected' in line, line
             assert 'would be -4' in line and 'max_position 3 (risk.max_position)' in line, line
         assert await position(*common) == -3
+    assert pikerd.stop(signal.SIGTERM) == 0
+
+
+async def test_a_binary_halt_file_keeps_emsd_up_and_halted_until_resume(
+    reg_addr, tmp_path, piker_procs,
+):
+    """Found from outside: a binary halt.toml was `emsd failed to start:
+    UnicodeDecodeError` without naming the file (a 0-byte one lifted the halt)."""
+    cfg = tmp_path / 'bot.toml'
+    cfg.write_text(f'[registry]\nport = {reg_addr[1]}\n')
+    state = tmp_path / 'state'
+    halt = state / 'risk' / 'halt.toml'
+    halt.parent.mkdir(parents=True)
+    halt.write_bytes(b'\x00\xff\xfe binary \x80' * 8)
+    common = ('-c', str(cfg), '--state-dir', str(state))
+    pikerd = spawn_piker(piker_procs, tmp_path, 'pikerd', *common)
+    await wait_registry(reg_addr)
+    with trio.fail_after(100):
+        res = await piker('order', 'buy', FQME, '0.01', *common)
+        assert res.returncode == 1
+        (line,) = res.stderr.strip().splitlines()
+        assert 'rejected' in line and f'the halt file {halt} is unreadable' in line, line
+        assert 'run `piker bot resume` to clear it' in line, line
+        res = await piker('bot', 'status', '--json', *common)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)['status']['halted'] is True
+        res = await piker('bot', 'resume', *common)
+        assert res.returncode == 0, res.stderr
+        assert read_toml(halt)['halted'] is False
+        res = await piker('order', 'buy', FQME, '0.01', '--json', *common)
+        assert res.returncode == 0, res.stderr
+        assert statuses(res.stdout)[-1]['state'] == 'filled'
     assert pikerd.stop(signal.SIGTERM) == 0

@@ -27,8 +27,11 @@ Choices worth knowing:
 - cancels are never gated;
 - a halt (operator or daily loss) is persisted with ``write_toml_atomic`` and
   reloaded by the next gate on the same path, until :meth:`RiskGate.resume`.
-  While the day's P&L stays beyond the limit, the next :meth:`update_pnl`
-  halts again: to keep trading past it, raise ``risk.daily_loss_limit``.
+  A halt file that cannot be read (empty, binary, not TOML, wrong fields)
+  means halted, with one error naming the file: it never lifts a halt
+  silently and never stops emsd. While the day's P&L stays beyond the
+  limit, the next :meth:`update_pnl` halts again: to keep trading past it,
+  raise ``risk.daily_loss_limit``.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import msgspec
 
-from ..config import RiskCfg, read_toml, write_toml_atomic
+from ..config import ConfigError, RiskCfg, read_toml, write_toml_atomic
 from ..log import get_logger
 from ..types import Struct
 from ._exposure import Exposure
@@ -50,6 +53,7 @@ log = get_logger(__name__)
 
 _MINUTE_NS = 60 * 1_000_000_000
 _SIZE_EPS = 1e-9
+HALT_FIX = 'restore it, or run `piker bot resume` to clear it'
 _LIMITS = ('max_order_size', 'max_position', 'max_notional', 'max_orders_per_min',
            'price_band_frac', 'daily_loss_limit')
 
@@ -101,16 +105,43 @@ class RiskGate:
     # -- halt ----------------------------------------------------------------
 
     def _load_halt(self) -> HaltState | None:
-        data = read_toml(self.state_path)
-        if not data.get('halted'):
-            return None
+        path = self.state_path
         try:
-            halt = msgspec.convert(data.get('halt', {}), HaltState)
+            data = read_toml(path)
+        except ConfigError as err:
+            # its own advice (restore or move aside) gives way to HALT_FIX
+            return self._unreadable_halt(
+                str(err).removeprefix(f'{path}: ').split('; restore')[0])
+        except OSError as err:
+            return self._unreadable_halt(f'cannot be read: {err.strerror or err}')
+        if not data:
+            return self._unreadable_halt('it is empty') if path.exists() else None
+        halted = data.get('halted')
+        if halted is False:
+            return None
+        if halted is not True:
+            return self._unreadable_halt(
+                f'`halted` must be true or false, found {halted!r}' if 'halted' in data
+                else 'it has no `halted` field')
+        try:
+            halt = msgspec.convert(data.get('halt'), HaltState)
         except msgspec.ValidationError as err:
-            # unreadable details must not lift the halt
-            halt = HaltState(reason=f'halt record unreadable ({err})', by='unknown', since_ns=0)
-        log.warning('risk.halt_restored', reason=halt.reason, by=halt.by, path=str(self.state_path))
+            return self._unreadable_halt(f'the [halt] record is unreadable: {err}')
+        log.warning('risk.halt_restored', reason=halt.reason, by=halt.by, path=str(path))
         return halt
+
+    def _unreadable_halt(self, problem: str) -> HaltState:
+        """A halt file that cannot be trusted keeps trading halted: it may be
+        an operator's halt that a disk or an editor mangled."""
+        path = self.state_path
+        try:
+            since_ns = path.stat().st_mtime_ns
+        except OSError:
+            since_ns = time.time_ns()
+        reason = f'the halt file {path} is unreadable ({problem}): {HALT_FIX}'
+        log.error('risk.halt_file_unreadable', path=str(path), problem=problem, fix=HALT_FIX,
+                  reason=reason)
+        return HaltState(reason=reason, by='risk.halt_file', since_ns=since_ns)
 
     @property
     def halted(self) -> bool:

@@ -158,7 +158,7 @@ def log_records(text: str, event: str) -> list[dict]:
 # -- the real tree ---------------------------------------------------------------------
 
 RULES_RISK = {
-    'max_order_size': 5, 'max_position': 8, 'max_notional': 2000,
+    'max_order_size': 5, 'max_position': 8, 'max_notional': 6000,
     'max_orders_per_min': 8, 'price_band_frac': 0.05, 'daily_loss_limit': 1e9,
 }
 
@@ -184,7 +184,8 @@ async def test_every_risk_rule_rejects_what_it_should_through_emsd(reg_addr, sta
                 last = await last_price(ems, spy)
                 assert 400 < last < 700
                 await expect('buy', 6, 'max_order_size')
-                await expect('buy', 4, 'max_notional')           # 4 x ~520 > 2000
+                # notional holds the worst-case position: 8 spy (~4200) fit
+                await expect('buy', 3, 'max_notional', fqme='ethusd.sim')  # 3 x ~3000
                 await expect('buy', 3)                           # 1 accepted
                 await expect('buy', 3)                           # 2: position 6
                 await expect('buy', 3, 'max_position')           # would be 9 > 8

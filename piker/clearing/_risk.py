@@ -1,23 +1,37 @@
 """The pre-trade risk gate emsd puts in front of every broker.
 
-Pure and sync: the caller passes the last price, the current position and the
-clock, so every rule is testable without an event loop. Rules, in the order
-they are checked (the first failing one is reported):
+Pure and sync: the caller passes the last price, the market's
+:class:`~piker.clearing._exposure.Exposure` (position and working orders) and
+the clock, so every rule is testable without an event loop. Rules, in the
+order they are checked (the first failing one is reported):
 
-``halted``, ``invalid_order``, ``max_order_size``, ``no_quote``, ``price_band``,
-``max_notional``, ``max_position``, ``max_orders_per_min``.
+``halted``, ``invalid_order``, ``bad_limit``, ``max_order_size``, ``no_quote``,
+``price_band``, ``max_notional``, ``max_position``, ``max_orders_per_min``.
 
 Choices worth knowing:
-- an order that shrinks the position's magnitude always passes
-  ``max_position`` (flattening an over-limit position must stay possible);
+- ``max_position`` and ``max_notional`` hold against the worst case on the
+  order's side: the position if every working order on that side fills
+  (``Exposure.long`` for a buy, ``Exposure.short`` for a sell), never a net
+  of both sides. A modify replaces its own old remainder (``replaces``);
+- an order that moves its side's worst case toward flat (without crossing
+  it) always passes both: flattening an over-limit position must stay
+  possible. Crossing flat counts as growing;
+- notional is ``|worst case| x price`` with the price the last one, or a
+  limit/stop price above it;
+- a limit that is not a finite number (``inf``, ``nan``) never switches a
+  rule off: every order that trades is refused (``bad_limit``) naming the
+  setting;
 - limit and stop orders need a quote too: without a last price the price band
   cannot be checked, and a fat-fingered limit is what the band exists for;
 - ``alert`` orders never trade, so only the halt and input checks apply;
 - cancels are never gated;
 - a halt (operator or daily loss) is persisted with ``write_toml_atomic`` and
   reloaded by the next gate on the same path, until :meth:`RiskGate.resume`.
-  While the day's P&L stays beyond the limit, the next :meth:`update_pnl`
-  halts again: to keep trading past it, raise ``risk.daily_loss_limit``.
+  A halt file that cannot be read (empty, binary, not TOML, wrong fields)
+  means halted, with one error naming the file: it never lifts a halt
+  silently and never stops emsd. While the day's P&L stays beyond the
+  limit, the next :meth:`update_pnl` halts again: to keep trading past it,
+  raise ``risk.daily_loss_limit``.
 """
 from __future__ import annotations
 
@@ -29,14 +43,19 @@ from pathlib import Path
 
 import msgspec
 
-from ..config import RiskCfg, read_toml, write_toml_atomic
+from ..config import ConfigError, RiskCfg, read_toml, write_toml_atomic
 from ..log import get_logger
 from ..types import Struct
+from ._exposure import Exposure
 from ._messages import Cancel, Order
 
 log = get_logger(__name__)
 
 _MINUTE_NS = 60 * 1_000_000_000
+_SIZE_EPS = 1e-9
+HALT_FIX = 'restore it, or run `piker bot resume` to clear it'
+_LIMITS = ('max_order_size', 'max_position', 'max_notional', 'max_orders_per_min',
+           'price_band_frac', 'daily_loss_limit')
 
 
 class RiskRejection(Struct, frozen=True):
@@ -78,21 +97,51 @@ class RiskGate:
         self._accepted = 0
         self._rejected: Counter[str] = Counter()
         self._last_day_pnl: float | None = None
+        self._bad_limit = _bad_limit(cfg)
+        if self._bad_limit is not None:
+            log.error('risk.bad_limit', reason=self._bad_limit.reason)
         self._halt = self._load_halt()
 
     # -- halt ----------------------------------------------------------------
 
     def _load_halt(self) -> HaltState | None:
-        data = read_toml(self.state_path)
-        if not data.get('halted'):
-            return None
+        path = self.state_path
         try:
-            halt = msgspec.convert(data.get('halt', {}), HaltState)
+            data = read_toml(path)
+        except ConfigError as err:
+            # its own advice (restore or move aside) gives way to HALT_FIX
+            return self._unreadable_halt(
+                str(err).removeprefix(f'{path}: ').split('; restore')[0])
+        except OSError as err:
+            return self._unreadable_halt(f'cannot be read: {err.strerror or err}')
+        if not data:
+            return self._unreadable_halt('it is empty') if path.exists() else None
+        halted = data.get('halted')
+        if halted is False:
+            return None
+        if halted is not True:
+            return self._unreadable_halt(
+                f'`halted` must be true or false, found {halted!r}' if 'halted' in data
+                else 'it has no `halted` field')
+        try:
+            halt = msgspec.convert(data.get('halt'), HaltState)
         except msgspec.ValidationError as err:
-            # unreadable details must not lift the halt
-            halt = HaltState(reason=f'halt record unreadable ({err})', by='unknown', since_ns=0)
-        log.warning('risk.halt_restored', reason=halt.reason, by=halt.by, path=str(self.state_path))
+            return self._unreadable_halt(f'the [halt] record is unreadable: {err}')
+        log.warning('risk.halt_restored', reason=halt.reason, by=halt.by, path=str(path))
         return halt
+
+    def _unreadable_halt(self, problem: str) -> HaltState:
+        """A halt file that cannot be trusted keeps trading halted: it may be
+        an operator's halt that a disk or an editor mangled."""
+        path = self.state_path
+        try:
+            since_ns = path.stat().st_mtime_ns
+        except OSError:
+            since_ns = time.time_ns()
+        reason = f'the halt file {path} is unreadable ({problem}): {HALT_FIX}'
+        log.error('risk.halt_file_unreadable', path=str(path), problem=problem, fix=HALT_FIX,
+                  reason=reason)
+        return HaltState(reason=reason, by='risk.halt_file', since_ns=since_ns)
 
     @property
     def halted(self) -> bool:
@@ -152,10 +201,19 @@ class RiskGate:
         order: Order | Cancel,
         *,
         last_price: float | None,
-        position_size: float,
+        exposure: Exposure,
         now_ns: int,
+        replaces: float = 0.0,
+        adds: float | None = None,
     ) -> RiskRejection | None:
         """``None`` when ``order`` may go to the broker, else the first rule it breaks.
+
+        ``exposure`` is the market's position and what every order working
+        at its broker may still fill, including the one a modify replaces;
+        ``replaces`` is that order's part of it (0 for a new order, or one
+        that was dark). ``adds`` is what ``order`` may fill once sent: its
+        size unless the caller knows better (a modify: the larger of its new
+        and its unacked old terms, less what filled).
 
         Call :meth:`record_accept` once the order is actually sent, so the
         per-minute rate counts only accepted orders.
@@ -163,7 +221,8 @@ class RiskGate:
         if isinstance(order, Cancel):
             return None
         self._checked += 1
-        rejection = self._first_rejection(order, last_price, position_size, now_ns)
+        adding = order.size if adds is None else adds
+        rejection = self._first_rejection(order, last_price, exposure, replaces, adding, now_ns)
         if rejection is not None:
             self._rejected[rejection.rule] += 1
             log.info('risk.reject', oid=order.oid, fqme=order.fqme, rule=rejection.rule, reason=rejection.reason)
@@ -179,7 +238,8 @@ class RiskGate:
             self._accepted_ns.popleft()
 
     def _first_rejection(
-        self, order: Order, last: float | None, position_size: float, now_ns: int,
+        self, order: Order, last: float | None, exposure: Exposure, replaces: float,
+        adds: float, now_ns: int,
     ) -> RiskRejection | None:
         if self._halt is not None:
             return RiskRejection(
@@ -191,6 +251,8 @@ class RiskGate:
             return bad
         if order.kind == 'alert':
             return None
+        if self._bad_limit is not None:
+            return self._bad_limit
         cfg = self.cfg
         if order.size > cfg.max_order_size:
             return RiskRejection(
@@ -214,22 +276,27 @@ class RiskGate:
                     f'price {_fmt(last)}, beyond price_band_frac {_fmt(cfg.price_band_frac)} '
                     '(risk.price_band_frac)',
                 )
-        price = order.price if order.kind != 'market' and order.price else last
-        notional = order.size * price
-        if notional > cfg.max_notional:
-            return RiskRejection(
-                rule='max_notional',
-                reason=f'order notional {_fmt(notional)} ({_fmt(order.size)} x {_fmt(price)}) '
-                f'exceeds max_notional {_fmt(cfg.max_notional)} (risk.max_notional)',
-            )
-        delta = order.size if order.action == 'buy' else -order.size
-        after = position_size + delta
-        if abs(after) > cfg.max_position and abs(after) > abs(position_size):
-            return RiskRejection(
-                rule='max_position',
-                reason=f'position in {order.fqme} would be {_fmt(after)}, beyond max_position '
-                f'{_fmt(cfg.max_position)} (risk.max_position)',
-            )
+        price = max(last, order.price or 0.0) if order.kind != 'market' else last
+        # a modify's old remainder makes way for its new one
+        others = exposure.working(order.action, -replaces)
+        before = exposure.side(order.action)
+        after = others.working(order.action, adds).side(order.action)
+        if _grows(before, after):
+            notional = abs(after) * price
+            if notional > cfg.max_notional:
+                return RiskRejection(
+                    rule='max_notional',
+                    reason=f'worst-case notional in {order.fqme} would be {_fmt(notional)} '
+                    f'({_fmt(abs(after))} x {_fmt(price)}; {_worst(order, others, adds)}), '
+                    f'beyond max_notional {_fmt(cfg.max_notional)} (risk.max_notional)',
+                )
+            if abs(after) > cfg.max_position:
+                return RiskRejection(
+                    rule='max_position',
+                    reason=f'position in {order.fqme} would be {_fmt(after)} '
+                    f'({_worst(order, others, adds)}), beyond max_position '
+                    f'{_fmt(cfg.max_position)} (risk.max_position)',
+                )
         self._expire(now_ns)
         if len(self._accepted_ns) >= cfg.max_orders_per_min:
             return RiskRejection(
@@ -251,6 +318,35 @@ class RiskGate:
             halt=self._halt,
             last_day_pnl=self._last_day_pnl,
         )
+
+
+def _grows(before: float, after: float) -> bool:
+    """Does the worst case move away from flat? Crossing flat counts; float
+    noise (a modify that keeps its size) does not."""
+    return abs(after) > abs(before) + _SIZE_EPS * max(1.0, abs(before)) or after * before < 0
+
+
+def _worst(order: Order, others: Exposure, adds: float) -> str:
+    """How the worst case adds up, for a rejection's reason."""
+    side = order.action
+    working = others.buys if side == 'buy' else others.sells
+    return (f'if every working {side} fills: holding {_fmt(others.position)}, '
+            f'other working {side}s {_fmt(working)}, this order {_fmt(adds)}')
+
+
+def _bad_limit(cfg: RiskCfg) -> RiskRejection | None:
+    """A limit the gate cannot compare against (``inf`` or ``nan`` would
+    switch its rule off): every trading order is refused instead."""
+    for name in _LIMITS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            return RiskRejection(
+                rule='bad_limit',
+                reason=f'risk.{name} = {value!r} is not a finite number, so it cannot be '
+                'checked and every order is refused: set it in bot.toml [risk]',
+            )
+    return None
 
 
 def _iso(ts_ns: int) -> str:

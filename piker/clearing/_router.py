@@ -4,7 +4,8 @@ One :class:`Router` lives in the emsd process. It
 
 - validates every client message, gates every new order or modify with the
   :class:`RiskGate` (last quote from datad for the price band and notional;
-  the position plus working orders for the position limit);
+  the position plus working orders on each side, an :class:`Exposure`, for
+  the position and notional limits);
 - keeps stops and alerts in a :class:`DarkBook`, evaluated on every quote;
 - opens broker dialogs lazily, on first need: ``paperboi.<backend>`` in paper
   mode, ``brokerd.<backend>`` in live mode. :meth:`Router.dialog` is the only
@@ -16,7 +17,7 @@ One :class:`Router` lives in the emsd process. It
 from __future__ import annotations
 
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from ._dialog import (
     decode_events,
     open_broker_dialog,
 )
+from ._exposure import Exposure, fillable, working_exposure
 from ._lifecycle import InvalidTransition, OrderTrack
 from ._links import BrokerLink, ClientLink
 from ._messages import (
@@ -106,6 +108,10 @@ class Router:
         # the non-terminal subset of `tracks` (what exposure and status scan)
         self._working: dict[str, OrderTrack] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
+        # oid -> the largest size its broker may still work on, while a modify
+        # is unacked; and how many BrokerdOrders each oid has unacked
+        self._held: dict[str, float] = {}
+        self._acks_due: Counter[str] = Counter()
         self.routes: dict[str, str] = {}
         self.owners: dict[str, int] = {}
         self._cancel_asked: set[str] = set()
@@ -177,6 +183,8 @@ class Router:
 
     def _finish(self, oid: str) -> None:
         self._working.pop(oid, None)
+        self._held.pop(oid, None)
+        self._acks_due.pop(oid, None)
         self._cancel_asked.discard(oid)
         self._finished[oid] = None
         while len(self._finished) > MAX_FINISHED:
@@ -281,7 +289,7 @@ class Router:
         now = now_ns()
         rejection = self.gate.check(
             order, last_price=self.marks.get(order.fqme),
-            position_size=self.exposure(backend, order.account, order.fqme), now_ns=now,
+            exposure=self.exposure(backend, order.account, order.fqme), now_ns=now,
         )
         if rejection is not None:
             self._reject(order, rejection.rule, rejection.reason, owner)
@@ -323,11 +331,15 @@ class Router:
                                'order; cancel it and send a new one')
         if problem is None:
             backend = self.routes[order.oid]
+            # the new terms replace the old remainder once the broker acks
+            # them: until then the larger of old and new may fill. A dark
+            # order holds nothing yet and is checked like a new one.
+            held = max(self._held.get(order.oid, 0.0), old.size)
             rejection = self.gate.check(
                 order, last_price=self.marks.get(order.fqme),
-                position_size=self.exposure(backend, order.account, order.fqme,
-                                            exclude=order.oid),
-                now_ns=now,
+                exposure=self.exposure(backend, order.account, order.fqme), now_ns=now,
+                replaces=fillable(track, self._held.get(order.oid, 0.0)),
+                adds=order.size if track.state == 'dark' else fillable(track, held, order.size),
             )
             if rejection is not None:
                 log.warning('order.rejected', rule=rejection.rule, reason=rejection.reason,
@@ -347,6 +359,7 @@ class Router:
         if track.state == 'dark':
             self.dark.add(order)
             return
+        self._held[order.oid] = held
         await self._route(track, self.routes[order.oid])
 
     async def _route(self, track: OrderTrack, backend: str, kind: str | None = None) -> None:
@@ -357,6 +370,7 @@ class Router:
             kind=kind or o.kind, price=None if kind == 'market' else o.price,  # type: ignore[arg-type]
             reqid=track.reqid, ts_ns=o.ts_ns, source=o.source,
         )
+        self._acks_due[o.oid] += 1
         try:
             link = await self.dialog(backend)
             await link.send(req)
@@ -503,18 +517,20 @@ class Router:
         return Resolved(reqid=msg.reqid, statuses=list(known.values()), fills=fills,
                         unknown=unknown, undecided=undecided)
 
-    def exposure(self, backend: str, account: str, fqme: str, exclude: str = '') -> float:
-        """Position plus the signed remainder of working (non-dark) orders: the
-        worst case the position limit must hold against."""
+    def exposure(self, backend: str, account: str, fqme: str) -> Exposure:
+        """The position and the remainders of the orders working at the
+        broker (not dark ones), per side: what the risk limits hold against."""
         pos = self.positions.get((backend, account, fqme))
-        total = pos.size if pos else 0.0
-        for oid, track in self._working.items():
-            o = track.order
-            if (oid == exclude or track.terminal or track.state == 'dark'
-                    or o.fqme != fqme or o.account != account):
-                continue
-            total += track.remaining if o.action == 'buy' else -track.remaining
-        return total
+        return working_exposure(pos.size if pos else 0.0, self._working.values(),
+                                account=account, fqme=fqme, held=self._held)
+
+    def _on_ack(self, oid: str) -> None:
+        """The broker took the latest terms of ``oid`` once every BrokerdOrder
+        sent for it is acked: the sizes a modify replaced stop counting."""
+        self._acks_due[oid] -= 1
+        if self._acks_due[oid] <= 0:
+            self._acks_due.pop(oid, None)
+            self._held.pop(oid, None)
 
     # -- broker dialogs ----------------------------------------------------------
 
@@ -724,6 +740,7 @@ class Router:
     def _on_order_event(self, track: OrderTrack, event: Any) -> None:
         match event:
             case BrokerdOrderAck():
+                self._on_ack(track.oid)
                 if track.state == 'pending' or (track.state in ('open', 'partial')):
                     self.publish(track.on_ack(event.reqid, now_ns()))
             case BrokerdStatus():
@@ -815,9 +832,11 @@ class Router:
         backend = self.routes[o.oid]
         market = msgspec.structs.replace(o, kind='market', price=None)
         now = now_ns()
+        # still dark, so not in the exposure: it adds its whole remainder
         rejection = self.gate.check(
             market, last_price=self.marks.get(o.fqme),
-            position_size=self.exposure(backend, o.account, o.fqme), now_ns=now)
+            exposure=self.exposure(backend, o.account, o.fqme), now_ns=now,
+            adds=track.remaining)
         if rejection is not None:
             log.warning('order.rejected', rule=rejection.rule, reason=rejection.reason,
                         oid=o.oid, trigger=True)

@@ -279,8 +279,12 @@ def ledger_positions(state: Path) -> dict[str, float]:
 
 
 def settled_positions(cfg: Path, reg: tuple[str, int], state: Path) -> tuple[dict, dict]:
-    """Broker positions and ledger sums taken while no fill landed in between."""
-    for _ in range(10):
+    """Broker positions and ledger sums, read once trading is halted (a
+    strategy filling every bar would race a read on a loaded machine)."""
+    res = run_piker('bot', 'halt', '--reason', 'test: positions read', '-c', str(cfg),
+                    '--registry', f'{reg[0]}:{reg[1]}', timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for _ in range(20):
         before = len(ledger_fills(state))
         broker = broker_positions(cfg, reg)
         ledger = ledger_positions(state)
@@ -324,12 +328,12 @@ def test_strategy_survives_sigkill_of(victim, reg_addr, tmp_path, piker_procs):
     per_oid = Counter(f['oid'] for f in ledger_fills(state))
     assert [o for o, c in per_oid.items() if c > 1] == []
 
+    recs = records(proc)  # before the halt below (it cancels the resting limit)
     broker, ledger = settled_positions(cfg, reg_addr, state)
     assert broker.keys() == ledger.keys()
     for fqme, size in ledger.items():
         assert broker[fqme] == pytest.approx(size)
 
-    recs = records(proc)
     # on_start ran once: a reconnect is not a restart
     assert len([r for r in recs if r['event'] == 'pingpong.on_start']) == 1
     # the resting limit was never lost nor placed twice

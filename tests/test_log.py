@@ -6,6 +6,7 @@ and inspects what actually reached its stdout/stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pty
 import signal
@@ -341,3 +342,130 @@ def test_bad_level_or_format_raises_clear_error(
     with pytest.raises(ValueError, match='expected') as info:
         piker_log.setup_logging(**kwargs)
     assert needle in str(info.value)
+
+
+# -- nothing bare, repeated records summarised (issue 11) --------------------------
+
+def test_hooks_turn_what_python_prints_into_records_and_stderr_stays_empty() -> None:
+    proc = _run(EMIT + '''
+import gc, threading
+setup_logging('info')
+def boom(what):
+    secret_local = 'HOOK-SECRET'
+    raise RuntimeError(what)
+t = threading.Thread(target=boom, args=('on a thread',), name='worker'); t.start(); t.join()
+class Noisy:
+    def __del__(self):
+        raise ValueError('in __del__')
+Noisy(); gc.collect()
+orphan = logging.getLogger('orphan'); orphan.propagate = False
+orphan.warning('reaches no handler')
+logging.getLogger('fmt').warning('%d apples', 'not a number')
+boom('uncaught')
+''')
+    assert proc.returncode == 1
+    assert proc.stderr == b''
+    assert b'HOOK-SECRET' not in proc.stdout
+    recs = _records(proc.stdout)
+    for rec in recs:
+        _assert_well_formed(rec)
+    by_event = {r['event']: r for r in recs}
+    assert list(by_event) == ['thread.uncaught', 'unraisable', 'reaches no handler',
+                              'log.emit_failed', 'process.uncaught']
+    thread, unraisable, orphan, failed, uncaught = by_event.values()
+    assert (thread['level'], thread['thread_name']) == ('error', 'worker')
+    assert thread['exception'][0]['exc_value'] == 'on a thread'
+    assert [f['name'] for f in thread['exception'][0]['frames']][-1] == 'boom'
+    assert unraisable['level'] == 'warning' and 'Noisy.__del__' in unraisable['object']
+    assert unraisable['exception'][0]['exc_value'] == 'in __del__'
+    assert (orphan['level'], orphan['logger']) == ('warning', 'orphan')
+    assert failed['of_logger'] == 'fmt' and 'TypeError' in failed['error']
+    assert (uncaught['level'], uncaught['logger']) == ('critical', 'piker.crash')
+    assert uncaught['exception'][0]['exc_value'] == 'uncaught'
+    for rec in (thread, unraisable, uncaught):
+        assert all(set(f) == {'filename', 'lineno', 'name'}
+                   for f in _frames(rec['exception']))
+
+
+def test_repeated_records_pass_a_burst_then_one_summary_per_window_errors_at_error() -> None:
+    proc = _run(EMIT + '''
+import time
+setup_logging('info')
+for i in range(2_000):
+    log.warning('order.rejected', oid=f'o{i}', rule='max_order_size')
+for i in range(30):
+    logging.getLogger('ib_async.wrapper').error('Error 200, reqId %s: no contract', i)
+log.info('info.never.limited', n=1)
+for i in range(25):
+    log.info('also.info', i=i)
+time.sleep(1.05)                     # the windows close ...
+log.info('next.record')              # ... and the next record brings the summaries out
+log.warning('order.rejected', oid='late')   # a new window: passes
+for i in range(12):
+    log.error('db.down', attempt=i)  # pending at exit: flushed by atexit
+''', PIKER_LOG_WINDOW_SECS='1', PIKER_LOG_BURST='5')
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b''
+    recs = _records(proc.stdout)
+    events = [r['event'] for r in recs]
+    assert events.count('order.rejected') == 6
+    # keyed by the template: the ids differ, the record does not
+    assert sum(e.startswith('Error 200, reqId ') for e in events) == 5
+    assert events.count('also.info') == 25
+    summaries = [r for r in recs if r['event'] == 'log.suppressed']
+    got = {(s['of'], s['level'], s['logger']): (s['count'], s['passed']) for s in summaries}
+    assert got == {
+        ('order.rejected', 'warning', 'piker.t'): (1995, 5),
+        ('Error 200, reqId %s: no contract', 'error', 'ib_async.wrapper'): (25, 5),
+        ('db.down', 'error', 'piker.t'): (7, 5),
+    }
+    assert all(s['window_secs'] == 1 for s in summaries)
+    # the two closed windows come out right before the record after them
+    nxt = events.index('next.record')
+    assert events[nxt - 2:nxt] == ['log.suppressed', 'log.suppressed']
+    assert events[-1] == 'log.suppressed' and recs[-1]['of'] == 'db.down'
+    # a summary is the pipeline's own: no borrowed task context
+    assert 'oid' not in recs[nxt - 1] and 'attempt' not in recs[-1]
+
+
+def test_rate_limiter_windows_per_key_with_a_fake_clock() -> None:
+    now = [0.0]
+    lim = piker_log.RateLimiter(burst=2, window_secs=10, clock=lambda: now[0])
+
+    def rec(event: str, level: int = logging.WARNING, name: str = 'x') -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, event, (), None)
+
+    assert [lim.admit(rec('a'))[0] for _ in range(4)] == [True, True, False, False]
+    assert lim.admit(rec('a', logging.ERROR))[0] is True       # another level, another key
+    assert lim.admit(rec('a', name='y'))[0] is True            # another logger too
+    assert all(lim.admit(rec('a', logging.INFO))[0] for _ in range(50))
+    now[0] = 9.9
+    assert lim.admit(rec('b')) == (True, [])
+    now[0] = 10.0
+    passes, due = lim.admit(rec('b'))
+    assert passes and [(d.of, d.count, d.passed, d.window_secs) for d in due] == [('a', 2, 2, 10)]
+    assert lim.admit(rec('a'))[0] is True                      # a fresh window
+    assert lim.drain() == []
+
+
+def test_faulthandler_dump_becomes_a_record_of_the_next_process(tmp_path: Path) -> None:
+    victim = _run(EMIT + '''
+import os
+setup_logging('info', actor='victim')
+def stuck_in_here():
+    os.abort()
+stuck_in_here()
+''', PYTHONFAULTHANDLER='1', PIKER_STATE_DIR=str(tmp_path))
+    assert victim.returncode == -signal.SIGABRT
+    assert victim.stderr == b'' and victim.stdout == b''
+    (dump,) = (tmp_path / 'crash').iterdir()
+    assert dump.name.startswith('victim.') and dump.read_text()
+    nxt = _run(EMIT + '''
+setup_logging('info', actor='next')
+''', PYTHONFAULTHANDLER='1', PIKER_STATE_DIR=str(tmp_path))
+    assert nxt.returncode == 0 and nxt.stderr == b''
+    (rec,) = _records(nxt.stdout)
+    assert (rec['event'], rec['level'], rec['actor']) == ('process.fault_dump', 'critical', 'next')
+    assert rec['crashed_actor'] == 'victim' and rec['fault'] == 'Fatal Python error: Aborted'
+    assert 'stuck_in_here' in rec['dump']
+    assert list((tmp_path / 'crash').iterdir()) == []   # reported once; its own file went at exit

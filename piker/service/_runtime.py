@@ -106,33 +106,70 @@ def get_services() -> Services | None:
     return _services
 
 
+# the name our probes give in the handshake; never registered anywhere
+PROBE_NAME = 'piker-probe'
+
+
 def registry_answers(addr: tuple[str, int], timeout_secs: float = 0.5) -> bool:
-    """Whether something accepts TCP connections on the registry address."""
-    try:
-        with socket.create_connection(addr, timeout=timeout_secs):
-            return True
-    except OSError:
-        return False
+    """Whether something accepts TCP connections on the registry address.
+
+    A tractor registry is greeted with a full handshake (see
+    :func:`probe_registry`), so probing leaves nothing in its log."""
+    return probe_registry(addr, connect_timeout_secs=timeout_secs,
+                          handshake_timeout_secs=timeout_secs) != 'none'
 
 
 def registry_is_tractor(addr: tuple[str, int], timeout_secs: float = 3.0) -> bool:
     """Whether the listener on ``addr`` speaks tractor: a tractor actor sends
     its uid (a length-prefixed msgpack ``[name, uuid]``) as soon as a peer
     connects. Anything else would make ``open_root_actor`` hang forever."""
+    return probe_registry(addr, connect_timeout_secs=timeout_secs,
+                          handshake_timeout_secs=timeout_secs) == 'tractor'
+
+
+def probe_registry(addr: tuple[str, int], *, connect_timeout_secs: float = 0.5,
+                   handshake_timeout_secs: float = 2.0) -> str:
+    """``'none'`` (nothing accepts connections), ``'tractor'`` or ``'foreign'``.
+
+    A peer that connects and leaves without sending its own uid makes the
+    registry log ``Channel ... failed to handshake`` at WARNING (once per
+    connection: 2-4 per CLI call). So the probe completes the handshake the
+    way a real peer does, with our uid, then says goodbye with tractor's
+    msg-loop terminate sentinel (``None``) and waits for the registry to
+    close its side: it sees an ordinary peer come and go."""
     import struct
+    import uuid
 
     import msgspec
     try:
-        with socket.create_connection(addr, timeout=timeout_secs) as sock:
-            sock.settimeout(timeout_secs)
-            head = _recv_exact(sock, 4)
-            (size,) = struct.unpack('<I', head)
+        sock = socket.create_connection(addr, timeout=connect_timeout_secs)
+    except OSError:
+        return 'none'
+    with sock:
+        try:
+            sock.settimeout(handshake_timeout_secs)
+            (size,) = struct.unpack('<I', _recv_exact(sock, 4))
             if not 0 < size < 4096:
-                return False
+                return 'foreign'
             uid = msgspec.msgpack.decode(_recv_exact(sock, size))
-    except (OSError, ValueError, msgspec.DecodeError):
-        return False
-    return isinstance(uid, list) and len(uid) == 2 and all(isinstance(x, str) for x in uid)
+        except (OSError, ValueError, msgspec.DecodeError):
+            return 'foreign'
+        if not (isinstance(uid, list) and len(uid) == 2 and all(isinstance(x, str) for x in uid)):
+            return 'foreign'
+        frames = b''
+        for msg in ([PROBE_NAME, str(uuid.uuid4())], None):
+            raw = msgspec.msgpack.encode(msg)
+            frames += struct.pack('<I', len(raw)) + raw
+        try:
+            sock.sendall(frames)
+            sock.shutdown(socket.SHUT_WR)
+            # drain until the registry closes: closing first with its
+            # goodbye unread would reset the connection under it
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+    return 'tractor'
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

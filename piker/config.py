@@ -74,8 +74,8 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-REMOTE_FIX = ('use 127.0.0.1, or set `allow_remote = true` in [registry] to expose the '
-              'tree on purpose')
+REMOTE_FIX = ('use 127.0.0.1, or set `allow_remote = true` in [registry] of bot.toml to '
+              'expose the tree on purpose')
 
 
 class ConfigError(Exception):

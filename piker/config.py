@@ -198,7 +198,7 @@ class RiskCfg(Cfg, frozen=True):
     max_order_size: PositiveFloat = 100.0
     max_position: PositiveFloat = 1_000.0
     max_notional: PositiveFloat = 1_000_000.0
-    max_orders_per_min: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 120
+    max_orders_per_min: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 120
     # a limit/stop price further than this fraction from the last quote is rejected
     price_band_frac: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
     # realized + unrealized loss for the UTC day at which new orders halt

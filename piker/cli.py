@@ -10,13 +10,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import trio
 
 from . import config as _config
 from .config import BotCfg, ConfigError
+
+if TYPE_CHECKING:
+    from .service import StrategyCode
 
 EXIT_USAGE = 2
 
@@ -48,10 +51,14 @@ class Ctx:
 
 def parse_registry(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(':')
+    host = host or '127.0.0.1'
     try:
-        return (host or '127.0.0.1', int(port))
+        addr = (host, int(port))
     except ValueError:
         fail(f'bad --registry {text!r}: expected HOST:PORT (e.g. 127.0.0.1:6116)')
+    if not 1 <= addr[1] <= 65535:
+        fail(f'bad --registry {text!r}: the port must be within 1..65535 (e.g. 127.0.0.1:6116)')
+    return addr
 
 
 def load_ctx(config_path: str | None, registry: str | None, state_dir: str | None,
@@ -70,7 +77,13 @@ def load_ctx(config_path: str | None, registry: str | None, state_dir: str | Non
             cfg = BotCfg()
     except ConfigError as err:
         fail(str(err))
-    reg = parse_registry(registry) if registry else cfg.registry.addr
+    reg = cfg.registry.addr
+    if registry:
+        reg = parse_registry(registry)
+        # the override obeys the same loopback rule as `[registry] host`
+        if not cfg.registry.allow_remote and not _config.is_loopback_host(reg[0]):
+            fail(f'--registry {registry}: binds beyond this machine, and tractor RPC has no '
+                 f'authentication; {_config.REMOTE_FIX}')
     return Ctx(cfg, source, reg, Path(state_dir) if state_dir else None)
 
 
@@ -107,7 +120,22 @@ def emit_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         click.echo('  '.join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-@click.group(context_settings={'help_option_names': ['-h', '--help']})
+class PikerGroup(click.Group):
+    """Usage errors are one ``piker: error:`` line too, like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs['standalone_mode'] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.ClickException as err:
+            ctx = getattr(err, 'ctx', None)
+            hint = f' (see `{ctx.command_path} --help`)' if ctx is not None else ''
+            fail(f"{err.format_message().rstrip('.')}{hint}", code=err.exit_code)
+        except click.Abort:
+            fail('aborted', code=1)
+
+
+@click.group(cls=PikerGroup, context_settings={'help_option_names': ['-h', '--help']})
 def main() -> None:
     """piker-bot: an unattended trading service on a tractor actor tree."""
 
@@ -120,6 +148,7 @@ async def _serve_until_signal(ctx: Ctx) -> int:
     cfg = ctx.cfg
     async with open_runtime(
         'pikerd', ctx.registry, loglevel=cfg.log_level,
+        strategy_code=strategy_code(ctx),
         heartbeat_secs=cfg.health.heartbeat_secs,
         stale_after_secs=cfg.health.stale_after_secs,
         state_dir=str(ctx.state_dir()), require_pikerd=True,
@@ -185,14 +214,28 @@ def bot() -> None:
 def bot_check(config_path: str | None, registry: str | None, state_dir: str | None) -> None:
     """Validate a bot config file (and its strategies)."""
     ctx = load_ctx(config_path, registry, state_dir, require_file=True)
-    problems = config_problems(ctx.cfg, ctx.strategies_dir)
-    if problems:
-        for line in problems:
-            click.echo(f'piker: error: {ctx.source}: {line}', err=True)
-        sys.exit(EXIT_USAGE)
-    names = ', '.join(f'{s.name} ({s.strategy})' for s in ctx.cfg.strategies) or 'none'
+    exit_on_problems(ctx)
+    names = ', '.join(f'{s.name} ({s.strategy})' for s in ctx.cfg.strategies)
     click.echo(f'{ctx.source}: ok: mode={ctx.cfg.mode} backend={ctx.cfg.backend} '
                f'strategies: {names}')
+
+
+def strategy_code(ctx: Ctx) -> StrategyCode:
+    """Where strategy code may come from in this tree: pikerd's own config
+    (its strategies_dir and the dotted paths it names), never an RPC argument."""
+    from .service import StrategyCode
+    return StrategyCode(
+        strategies_dir=str(ctx.strategies_dir),
+        modules=sorted({s.strategy for s in ctx.cfg.strategies if '.' in s.strategy}))
+
+
+def exit_on_problems(ctx: Ctx) -> None:
+    """Print every :func:`config_problems` line and exit 2, if there are any."""
+    problems = config_problems(ctx.cfg, ctx.strategies_dir)
+    for line in problems:
+        click.echo(f'piker: error: {ctx.source or "default config"}: {line}', err=True)
+    if problems:
+        sys.exit(EXIT_USAGE)
 
 
 def config_problems(cfg: BotCfg, strategies_dir: Path) -> list[str]:
@@ -200,6 +243,9 @@ def config_problems(cfg: BotCfg, strategies_dir: Path) -> list[str]:
     ``bot check`` and ``bot run`` share this, so they agree."""
     from .bot import validate_strategies
     from .brokers._protocol import BackendError, backend_endpoints
+    if not cfg.strategies:
+        return ['`$.strategies`: no [[strategies]] configured; add one (see '
+                'strategies/README.md)']
     problems = []
     if cfg.mode == 'live':
         try:

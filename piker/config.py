@@ -7,11 +7,14 @@ State files are only ever written through :func:`write_toml_atomic`.
 from __future__ import annotations
 
 import decimal
+import ipaddress
+import math
 import os
 import re
 import stat
 import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,11 +25,59 @@ import tomli_w
 DEFAULT_REGISTRY_PORT = 6116
 DEFAULT_CONFIG_NAME = 'bot.toml'
 
-PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# the largest number any limit, fee or amount may be: finite, and far beyond any real one
+MAX_AMOUNT = 1e15
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Secs = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+# periods samplerd serves (piker/data/_timing.py `check_period`): whole seconds,
+# 1 s .. 1 day; bot.toml also wants them to divide a day, so bars align to midnight
+MIN_PERIOD_SECS = 1
+MAX_PERIOD_SECS = DAY_SECS = 86_400
+PeriodSecs = Annotated[int, msgspec.Meta(ge=MIN_PERIOD_SECS, le=MAX_PERIOD_SECS)]
+PERIOD_EXPECTED = 'expected a period samplerd serves (1 s to 1 day, dividing a day)'
+
+HEARTBEAT_RANGE_SECS = (0.05, 60.0)
+
+# account, strategy and bot names end up in actor names and state file names
+NAME_RE = r'^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'
+Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+NAME_EXPECTED = ('expected a name: 1-64 letters, digits, `_`, `.` or `-`, starting with a '
+                 'letter or digit, no `/` or `..`')
+# `sma_cross`, `sma_cross:Class` (a file in strategies_dir) or `pkg.mod[:Class]`
+STRATEGY_RE = (r'^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_]*)*'
+               r'(:[A-Za-z_][A-Za-z0-9_]*)?$')
+StrategySpec = Annotated[str, msgspec.Meta(pattern=STRATEGY_RE)]
+STRATEGY_EXPECTED = ('expected a module in strategies_dir (`sma_cross`, optionally '
+                     '`sma_cross:Class`) or a dotted import path (`pkg.mod:Class`), not a path')
+
+# what a bad value at these key paths (list indices dropped) should have been
+EXPECTED = {
+    '$.strategies.timeframe_secs': PERIOD_EXPECTED,
+    '$.brokers.replay.timeframe_secs': PERIOD_EXPECTED,
+    '$.health.heartbeat_secs': 'expected seconds within {:g}..{:g}'.format(
+        *HEARTBEAT_RANGE_SECS),
+    '$.name': NAME_EXPECTED,
+    '$.strategies.name': NAME_EXPECTED,
+    '$.strategies.account': NAME_EXPECTED,
+    '$.strategies.strategy': STRATEGY_EXPECTED,
+}
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` keeps a socket on this machine (no DNS lookups)."""
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+REMOTE_FIX = ('use 127.0.0.1, or set `allow_remote = true` in [registry] of bot.toml to '
+              'expose the tree on purpose')
 
 
 class ConfigError(Exception):
@@ -37,9 +88,39 @@ class Cfg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     """Base for config tables."""
 
 
+class Rule(ValueError):
+    """A rule msgspec constraints cannot express (cross-field, divisibility),
+    raised from ``__post_init__``; ``key`` is the field it is about."""
+
+    def __init__(self, key: str, expected: str, fix: str | None = None) -> None:
+        super().__init__(expected)
+        self.key = key
+        self.expected = expected
+        self.fix = fix
+
+
+def _check_period(key: str, secs: int) -> None:
+    if DAY_SECS % secs:
+        raise Rule(key, PERIOD_EXPECTED)
+
+
 class RegistryCfg(Cfg, frozen=True):
+    """Where pikerd listens. tractor's RPC has no authentication, so it stays
+    on loopback unless ``allow_remote`` says otherwise."""
     host: str = '127.0.0.1'
     port: Port = DEFAULT_REGISTRY_PORT
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        if self.host != 'localhost':
+            try:
+                ipaddress.ip_address(self.host)
+            except ValueError:
+                raise Rule('host', 'expected an IP address or `localhost` (no DNS names)',
+                           fix='(e.g. 127.0.0.1)') from None
+        if not self.allow_remote and not is_loopback_host(self.host):
+            raise Rule('host', 'binds beyond this machine, and tractor RPC has no '
+                       'authentication', fix=f'({REMOTE_FIX})')
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -47,9 +128,15 @@ class RegistryCfg(Cfg, frozen=True):
 
 
 class HealthCfg(Cfg, frozen=True):
-    heartbeat_secs: PositiveFloat = 1.0
+    heartbeat_secs: Annotated[float, msgspec.Meta(
+        ge=HEARTBEAT_RANGE_SECS[0], le=HEARTBEAT_RANGE_SECS[1])] = 1.0
     # an actor silent for longer than this is reported stale
-    stale_after_secs: PositiveFloat = 5.0
+    stale_after_secs: Secs = 5.0
+
+    def __post_init__(self) -> None:
+        if self.stale_after_secs < 2 * self.heartbeat_secs:
+            raise Rule('stale_after_secs', 'expected at least twice `heartbeat_secs` '
+                       f'({self.heartbeat_secs:g}): one late beat must not mark an actor stale')
 
 
 class SupervisionCfg(Cfg, frozen=True):
@@ -62,19 +149,28 @@ class SupervisionCfg(Cfg, frozen=True):
     backoff_secs: Annotated[float, msgspec.Meta(ge=0.01, le=60)] = 0.25
     max_backoff_secs: Annotated[float, msgspec.Meta(ge=0.01, le=600)] = 5.0
 
+    def __post_init__(self) -> None:
+        if self.max_backoff_secs < self.backoff_secs:
+            raise Rule('max_backoff_secs',
+                       f'expected at least `backoff_secs` ({self.backoff_secs:g})')
+
 
 class SimCfg(Cfg, frozen=True):
     seed: int = 7
-    # the sim model ticks on a 100 ms grid: 10 Hz is its most
-    quote_rate_hz: PositiveFloat = 10.0
+    # the sim model ticks on a 100 ms grid: 10 Hz is its most (more is capped)
+    quote_rate_hz: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 10.0
     markets: list[str] = msgspec.field(default_factory=list)
 
 
 class ReplayCfg(Cfg, frozen=True):
     # directory holding ``<symbol>.csv`` files (see piker/brokers/replay)
     data_dir: str = 'data/replay'
-    speed: PositiveFloat = 1.0
-    timeframe_secs: PositiveInt = 60
+    # file time per real second
+    speed: Annotated[float, msgspec.Meta(ge=0.01, le=1e6)] = 1.0
+    timeframe_secs: PeriodSecs = 60
+
+    def __post_init__(self) -> None:
+        _check_period('timeframe_secs', self.timeframe_secs)
 
 
 class IbAccountsCfg(Cfg, frozen=True):
@@ -85,11 +181,13 @@ class IbAccountsCfg(Cfg, frozen=True):
 class IbCfg(Cfg, frozen=True):
     host: str = '127.0.0.1'
     # tried in order: gateway live/paper, TWS live/paper
-    ports: list[Port] = msgspec.field(default_factory=lambda: [4002, 4001, 7497, 7496])
-    base_client_id: NonNegInt = 100
-    connect_timeout_secs: PositiveFloat = 10.0
+    ports: Annotated[list[Port], msgspec.Meta(min_length=1, max_length=16)] = msgspec.field(
+        default_factory=lambda: [4002, 4001, 7497, 7496])
+    # IB client ids are 32-bit; each process takes ids from here up
+    base_client_id: Annotated[int, msgspec.Meta(ge=0, le=2_000_000_000)] = 100
+    connect_timeout_secs: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 10.0
     accounts: dict[str, str] = msgspec.field(default_factory=dict)
-    reconnect_max_backoff_secs: PositiveFloat = 30.0
+    reconnect_max_backoff_secs: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
 
 
 class BrokersCfg(Cfg, frozen=True):
@@ -102,9 +200,9 @@ class RiskCfg(Cfg, frozen=True):
     max_order_size: PositiveFloat = 100.0
     max_position: PositiveFloat = 1_000.0
     max_notional: PositiveFloat = 1_000_000.0
-    max_orders_per_min: PositiveInt = 120
+    max_orders_per_min: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 120
     # a limit/stop price further than this fraction from the last quote is rejected
-    price_band_frac: PositiveFloat = 0.05
+    price_band_frac: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
     # realized + unrealized loss for the UTC day at which new orders halt
     daily_loss_limit: PositiveFloat = 10_000.0
 
@@ -112,7 +210,8 @@ class RiskCfg(Cfg, frozen=True):
 class FeesCfg(Cfg, frozen=True):
     per_unit: NonNegFloat = 0.0
     per_order: NonNegFloat = 0.0
-    bps: NonNegFloat = 0.0
+    # 10_000 bps = the whole notional
+    bps: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 0.0
 
 
 class PaperCfg(Cfg, frozen=True):
@@ -144,21 +243,24 @@ class ScheduleCfg(Cfg, frozen=True):
 
 
 class StrategyCfg(Cfg, frozen=True):
-    name: str
+    name: Name
     # a module in strategies/ (``sma_cross``) or a dotted path (``pkg.mod:Class``)
-    strategy: str
+    strategy: StrategySpec
     markets: list[str]
-    timeframe_secs: PositiveInt = 60
-    account: str = 'paper'
+    timeframe_secs: PeriodSecs = 60
+    account: Name = 'paper'
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     on_error: Literal['cancel', 'cancel_and_flatten', 'leave'] = 'cancel'
     # what a graceful stop (SIGTERM, end of `--for`) does with open orders/positions
     on_stop: Literal['cancel', 'cancel_and_flatten', 'leave'] = 'cancel'
     schedule: ScheduleCfg = msgspec.field(default_factory=ScheduleCfg)
 
+    def __post_init__(self) -> None:
+        _check_period('timeframe_secs', self.timeframe_secs)
+
 
 class BotCfg(Cfg, frozen=True):
-    name: str = 'piker-bot'
+    name: Name = 'piker-bot'
     mode: Literal['paper', 'live'] = 'paper'
     registry: RegistryCfg = msgspec.field(default_factory=RegistryCfg)
     state_dir: str | None = None
@@ -174,13 +276,84 @@ class BotCfg(Cfg, frozen=True):
     # where `strategy = "<name>"` modules live; relative to the config file's directory
     strategies_dir: str = 'strategies'
     # seconds for the whole tree to stop on SIGTERM before it gives up waiting
-    stop_timeout_secs: PositiveFloat = 20.0
+    stop_timeout_secs: Secs = 20.0
 
 
-def _fix_hint(err: str) -> str:
-    if 'Object contains unknown field' in err:
-        return ' (remove it or check its spelling)'
-    return ''
+_AT = re.compile(r'^(?P<what>.*?)(?: - at `(?P<path>\$[^`]*)`)?$', re.S)
+_PATH_PART = re.compile(r'\.([^.\[]+)|\[(\d+)\]')
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, path: str) -> Any:
+    """The value at a msgspec key path (``$.strategies[0].timeframe_secs``);
+    ``_MISSING`` where the path does not say (``[...]``: some table key)."""
+    node = data
+    for key, index in _PATH_PART.findall(path[1:]):
+        try:
+            node = node[int(index)] if index else node[key]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return node
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
+def _leaf(path: str) -> str:
+    keys = [k for k, _ in _PATH_PART.findall(path[1:]) if k]
+    return keys[-1] if keys else '$'
+
+
+def _problem(path: str, value: Any, expected: str, fix: str | None = None,
+             leaf: str | None = None) -> str:
+    """One line: key path, value found, what was expected, which key fixes it."""
+    found = '' if value is _MISSING else f' = {_show(value)}'
+    tail = f' {fix}' if fix else ''
+    return f'`{path}`{found}: {expected}; fix `{leaf or _leaf(path)}`{tail}'
+
+
+class _Redacted:
+    def __repr__(self) -> str:
+        return '<credential, not shown>'
+
+
+def _explain(err: msgspec.ValidationError, value_at: Callable[[str], Any]) -> str:
+    match = _AT.match(str(err))
+    assert match is not None  # the pattern matches any text
+    what, path = match['what'], match['path'] or '$'
+    if field := re.fullmatch(r'Object contains unknown field `(.+)`', what):
+        return f'`{path}.{field[1]}`: unknown key (remove it or check its spelling)'
+    if field := re.fullmatch(r'Object missing required field `(.+)`', what):
+        return f'`{path}.{field[1]}`: missing (add `{field[1]} = ...`)'
+    rule = err.__cause__
+    fix = None
+    if isinstance(rule, Rule):
+        path, what, fix = f'{path}.{rule.key}', rule.expected, rule.fix
+    expected = EXPECTED.get(re.sub(r'\[\d+\]', '', path), what)
+    return _problem(path, value_at(path), expected, fix)
+
+
+def _non_finite(node: Any, path: str = '$', leaf: str = '$',
+                ) -> tuple[str, str, float] | None:
+    """(key path, key, value) of the first inf/nan in ``node``: no limit,
+    fee or amount may be infinite."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return path, leaf, node
+    items = (node.items() if isinstance(node, dict)
+             else enumerate(node) if isinstance(node, list) else ())
+    for key, sub in items:
+        if isinstance(key, int):
+            found = _non_finite(sub, f'{path}[{key}]', leaf)
+        else:
+            part = f'.{key}' if re.fullmatch(r'[A-Za-z0-9_-]+', key) else f'[{key!r}]'
+            found = _non_finite(sub, path + part, key)
+        if found:
+            return found
+    return None
 
 
 def load_config(path: str | os.PathLike[str]) -> BotCfg:
@@ -200,8 +373,8 @@ def load_config(path: str | os.PathLike[str]) -> BotCfg:
         raise ConfigError(f'{p}: not UTF-8 text') from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f'{p}: invalid TOML: {err}') from None
-    _merge_credentials(data)
-    return parse_config(data, source=str(p))
+    secrets = _merge_credentials(data)
+    return parse_config(data, source=str(p), secrets=secrets)
 
 
 # secrets systemd hands over with LoadCredential= (never through the environment):
@@ -209,11 +382,15 @@ def load_config(path: str | os.PathLike[str]) -> BotCfg:
 CREDENTIAL_BACKENDS = ('ib',)
 
 
-def _merge_credentials(data: dict[str, Any], environ: dict[str, str] | None = None) -> None:
+def _merge_credentials(data: dict[str, Any], environ: dict[str, str] | None = None,
+                       ) -> list[str]:
+    """Merge the credential files into ``data``; the key paths they set (so an
+    error about one never shows its value)."""
     env = os.environ if environ is None else environ
     cred_dir = env.get('CREDENTIALS_DIRECTORY')
+    merged: list[str] = []
     if not cred_dir:
-        return
+        return merged
     for backend in CREDENTIAL_BACKENDS:
         path = Path(cred_dir) / f'{backend}.toml'
         try:
@@ -226,22 +403,39 @@ def _merge_credentials(data: dict[str, Any], environ: dict[str, str] | None = No
             raise ConfigError(f'{path}: invalid TOML in credential: {err}') from None
         brokers = data.setdefault('brokers', {})
         if not isinstance(brokers, dict):
-            return  # the schema check reports `$.brokers` itself
+            return merged  # the schema check reports `$.brokers` itself
         table = brokers.setdefault(backend, {})
         if isinstance(table, dict):
             for key, value in secret.items():
+                merged.append(f'$.brokers.{backend}.{key}')
                 if isinstance(value, dict) and isinstance(table.get(key), dict):
                     table[key] = {**table[key], **value}
                 else:
                     table[key] = value
+    return merged
 
 
-def parse_config(data: dict[str, Any], source: str = '<config>') -> BotCfg:
+def parse_config(data: dict[str, Any], source: str = '<config>',
+                 secrets: list[str] | tuple[str, ...] = ()) -> BotCfg:
+    """Validate ``data`` (a parsed bot.toml) into a :class:`BotCfg`; every
+    failure is one :class:`ConfigError` line naming key path, value and fix.
+    Values under the key paths in ``secrets`` (credentials) are never shown."""
+    def shown(path: str, value: Any) -> Any:
+        if any(path == s or path.startswith((f'{s}.', f'{s}[')) for s in secrets):
+            return _Redacted()
+        return value
+
+    bad = _non_finite(data)
+    if bad:
+        path, leaf, value = bad
+        raise ConfigError(f'{source}: ' + _problem(path, shown(path, value),
+                                                   'expected a finite number', leaf=leaf))
     try:
         cfg = msgspec.convert(data, BotCfg)
     except msgspec.ValidationError as err:
-        msg = str(err)
-        raise ConfigError(f'{source}: {msg}{_fix_hint(msg)}') from None
+        raise ConfigError(
+            f'{source}: {_explain(err, lambda path: shown(path, _lookup(data, path)))}'
+        ) from None
     names = [s.name for s in cfg.strategies]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

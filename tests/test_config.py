@@ -57,14 +57,34 @@ end = "16:00"
 
 
 @pytest.mark.parametrize('text, expected', [
-    ('[risk]\nmax_position = "lots"', "Expected `float`, got `str` - at `$.risk.max_position`"),
-    ('mode = "yolo"', "Invalid enum value 'yolo' - at `$.mode`"),
-    ('[registry]\nport = 70000', 'Expected `int` <= 65535 - at `$.registry.port`'),
-    ('[risk]\nmax_order_size = -1', 'Expected `float` > 0.0 - at `$.risk.max_order_size`'),
-    ('[riks]\nmax_order_size = 1', 'Object contains unknown field `riks`'),
+    ('[risk]\nmax_position = "lots"',
+     "`$.risk.max_position` = 'lots': Expected `float`, got `str`; fix `max_position`"),
+    ('mode = "yolo"', "`$.mode` = 'yolo': Invalid enum value 'yolo'; fix `mode`"),
+    ('[registry]\nport = 70000', '`$.registry.port` = 70000: Expected `int` <= 65535; fix `port`'),
+    ('[risk]\nmax_order_size = -1',
+     '`$.risk.max_order_size` = -1: Expected `float` > 0.0; fix `max_order_size`'),
+    ('[riks]\nmax_order_size = 1', '`$.riks`: unknown key (remove it or check its spelling)'),
     ('[[strategies]]\nname = "a"\nmarkets = ["x.sim"]',
-     'Object missing required field `strategy` - at `$.strategies[0]`'),
+     '`$.strategies[0].strategy`: missing (add `strategy = ...`)'),
     ('name = ', 'invalid TOML'),
+    ('[risk]\nmax_position = inf', '`$.risk.max_position` = inf: expected a finite number'),
+    ('[paper.fees_by_market."btcusd.sim"]\nbps = nan',
+     "`$.paper.fees_by_market['btcusd.sim'].bps` = nan: expected a finite number; fix `bps`"),
+    ('[paper.fees_by_market."btcusd.sim"]\nbps = -1',
+     "`$.paper.fees_by_market[...].bps`: Expected `float` >= 0.0; fix `bps`"),
+    ('[health]\nheartbeat_secs = 1e-300',
+     '`$.health.heartbeat_secs` = 1e-300: expected seconds within 0.05..60; fix `heartbeat_secs`'),
+    ('[health]\nheartbeat_secs = 1\nstale_after_secs = 1.5',
+     '`$.health.stale_after_secs` = 1.5: expected at least twice `heartbeat_secs` (1)'),
+    ('[registry]\nhost = "0.0.0.0"',
+     "`$.registry.host` = '0.0.0.0': binds beyond this machine, and tractor RPC has no "
+     'authentication; fix `host` (use 127.0.0.1, or set `allow_remote = true` in [registry]'),
+    ('[[strategies]]\nname = "a"\nstrategy = "x"\nmarkets = ["x.sim"]\naccount = "../x"',
+     "`$.strategies[0].account` = '../x': expected a name"),
+    ('[[strategies]]\nname = "a"\nstrategy = "x"\nmarkets = ["x.sim"]\n'
+     'timeframe_secs = 9223372036854775807',
+     '`$.strategies[0].timeframe_secs` = 9223372036854775807: expected a period samplerd serves '
+     '(1 s to 1 day, dividing a day); fix `timeframe_secs`'),
 ])
 def test_bad_file_names_file_and_key(tmp_path, text, expected):
     p = write(tmp_path, text)
@@ -107,10 +127,66 @@ def test_cli_check_bad_file_exit_2_one_line(tmp_path):
 
 
 def test_cli_check_good_file_exit_0(tmp_path):
-    p = write(tmp_path, 'name = "ok"\n')
+    p = write(tmp_path, 'name = "ok"\n[[strategies]]\nname = "once"\n'
+              'strategy = "tests.strategies.buy_once"\nmarkets = ["btcusd.sim"]\n')
     res = run_piker('bot', 'check', '-c', str(p))
     assert res.returncode == 0, res.stderr
     assert 'ok' in res.stdout
+
+
+@pytest.mark.parametrize('secs', [1, 2, 5, 15, 60, 300, 3600, 86_400])
+def test_periods_the_schema_takes_are_periods_samplerd_serves(tmp_path, secs):
+    from piker.config import MAX_PERIOD_SECS as CFG_MAX
+    from piker.config import MIN_PERIOD_SECS as CFG_MIN
+    from piker.data._timing import MAX_PERIOD_SECS, MIN_PERIOD_SECS, check_period
+    assert (CFG_MIN, CFG_MAX) == (MIN_PERIOD_SECS, MAX_PERIOD_SECS)
+    p = write(tmp_path, f'[brokers.replay]\ntimeframe_secs = {secs}\n')
+    assert check_period(load_config(p).brokers.replay.timeframe_secs) == secs
+
+
+@pytest.mark.parametrize('secs', [0, -1, 7, 86_401, 2 ** 40])
+def test_periods_samplerd_cannot_serve_or_not_dividing_a_day_rejected(tmp_path, secs):
+    p = write(tmp_path, f'[brokers.replay]\ntimeframe_secs = {secs}\n')
+    with pytest.raises(ConfigError, match='expected a period samplerd serves'):
+        load_config(p)
+
+
+def test_allow_remote_lets_the_registry_off_loopback(tmp_path):
+    # only parsed: nothing binds here
+    p = write(tmp_path, '[registry]\nhost = "0.0.0.0"\nallow_remote = true\n')
+    assert load_config(p).registry.addr == ('0.0.0.0', 6116)
+    for host in ('127.0.0.1', '127.3.2.1', 'localhost', '::1'):
+        assert load_config(write(tmp_path, f'[registry]\nhost = "{host}"\n')).registry.host == host
+
+
+def test_is_loopback_host_needs_no_dns():
+    from piker.config import is_loopback_host
+    assert is_loopback_host('127.0.0.1') and is_loopback_host('localhost')
+    assert is_loopback_host('::1') and is_loopback_host('127.255.0.9')
+    for host in ('0.0.0.0', '::', '10.0.0.1', '192.0.2.1', 'example.com', ''):
+        assert not is_loopback_host(host)
+
+
+def test_cross_field_rules_apply_to_every_parse(tmp_path):
+    """Sub-tables converted elsewhere (emsd, brokers) get the same rules."""
+    import msgspec
+
+    from piker.config import HealthCfg, SupervisionCfg
+    with pytest.raises(msgspec.ValidationError, match='at least twice'):
+        msgspec.convert({'heartbeat_secs': 2, 'stale_after_secs': 3}, HealthCfg)
+    with pytest.raises(msgspec.ValidationError, match='at least `backoff_secs`'):
+        msgspec.convert({'backoff_secs': 2, 'max_backoff_secs': 1}, SupervisionCfg)
+
+
+def test_a_credential_value_never_shows_in_an_error(tmp_path, monkeypatch):
+    creds = tmp_path / 'creds'
+    creds.mkdir()
+    (creds / 'ib.toml').write_text('accounts = "U7654321"\n')
+    monkeypatch.setenv('CREDENTIALS_DIRECTORY', str(creds))
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, 'name = "x"\n'))
+    assert '`$.brokers.ib.accounts`' in str(info.value)
+    assert 'U7654321' not in str(info.value)
 
 
 def test_state_dir_precedence(tmp_path, monkeypatch):
@@ -154,5 +230,5 @@ def test_credentials_directory_fills_the_ib_table(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match='ib.toml: invalid TOML in credential'):
         load_config(p)
     (creds / 'ib.toml').write_text('acounts = {}\n')
-    with pytest.raises(ConfigError, match='unknown field `acounts`'):
+    with pytest.raises(ConfigError, match='`\\$.brokers.ib.acounts`: unknown key'):
         load_config(p)

@@ -11,14 +11,14 @@ from typing import Any
 import click
 
 from ..cli import (
-    EXIT_USAGE,
     bot,
     common_options,
-    config_problems,
+    exit_on_problems,
     fail,
     load_ctx,
     replay_span,
     run_trio,
+    strategy_code,
 )
 
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$')
@@ -49,14 +49,7 @@ def bot_run(config_path: str | None, registry: str | None, state_dir: str | None
     sd = SdNotifier.from_env()
     ctx = load_ctx(config_path, registry, state_dir)
     secs = parse_duration(duration) if duration else None
-    if not ctx.cfg.strategies:
-        fail(f'{ctx.source or "default config"}: no [[strategies]] configured '
-             '(add one, see strategies/README.md)')
-    problems = config_problems(ctx.cfg, ctx.strategies_dir)
-    if problems:
-        for line in problems:
-            click.echo(f'piker: error: {ctx.source}: {line}', err=True)
-        sys.exit(EXIT_USAGE)
+    exit_on_problems(ctx)
     setup_logging(ctx.cfg.log_level, actor=f'bot-run.{ctx.cfg.name}')
     log = get_logger('piker.bot')
     span = None
@@ -66,6 +59,7 @@ def bot_run(config_path: str | None, registry: str | None, state_dir: str | None
         span = replay_span(ctx.cfg, sorted({m for s in ctx.cfg.strategies for m in s.markets}))
     outcome = run_trio(lambda: run_bot(
         ctx.cfg, registry=ctx.registry, strategies_dir=ctx.strategies_dir,
+        strategy_code=strategy_code(ctx),
         state_dir=ctx.state_dir(), duration_secs=secs, clock=clock, sd=sd,
         replay_span=span,
     ))

@@ -30,6 +30,7 @@ from ..service import (
     ConfigMismatch,
     Runtime,
     SdNotifier,
+    StrategyCode,
     find_service,
     open_runtime,
     registry_answers,
@@ -115,6 +116,7 @@ async def run_bot(
     clock: str = 'wall',
     sd: SdNotifier | None = None,
     replay_span: tuple[int, int] | None = None,
+    strategy_code: StrategyCode | None = None,
 ) -> RunOutcome:
     """Run every ``[[strategies]]`` entry until ``duration_secs`` passes, a stop
     signal arrives or nothing runs any more; return the outcome."""
@@ -127,6 +129,7 @@ async def run_bot(
         state_dir=str(state_dir), stop_timeout_secs=cfg.stop_timeout_secs,
         handle_signals=True,
         supervision=cfg.supervision,
+        strategy_code=strategy_code,
     ) as rt:
         async with trio.open_nursery() as nursery:
             started = False

@@ -11,6 +11,7 @@ from ._runtime import EXIT_ESCALATED as EXIT_ESCALATED
 from ._runtime import PIKERD as PIKERD
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStartupError as RuntimeStartupError
+from ._runtime import StrategyCode as StrategyCode
 from ._runtime import get_services as get_services
 from ._runtime import open_runtime as open_runtime
 from ._runtime import registry_answers as registry_answers

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import tractor
 import trio
 
+from ..config import StrategyCfg
 from ..log import get_logger
 from ._health import health_snapshot
 from ._ipc import call_ctx
-from ._runtime import get_services
-from ._spec import resolve_spec
+from ._runtime import get_services, get_strategy_code
+from ._services import ConfigMismatch
+from ._spec import BOT_INIT, DaemonSpec, SpecError, check_spawnable, resolve_spec, under_prefixes
 
 log = get_logger(__name__)
 
@@ -27,8 +30,45 @@ def _services():
 async def spawn_service(init: str, kwargs: dict[str, Any],
                         match_config: bool = False) -> dict[str, Any]:
     """Find-or-spawn a daemon for a client; the daemon outlives the client."""
-    info = await _services().ensure(resolve_spec(init, kwargs), match_config=match_config)
+    spec = resolve_client_spec(init, kwargs)
+    info = await _services().ensure(spec, match_config=match_config)
     return msgspec.to_builtins(info)
+
+
+def resolve_client_spec(init: str, kwargs: dict[str, Any]) -> DaemonSpec:
+    """The spec of a daemon a client asked for, if it may have one: the init
+    is on the allow-list, and a strategy's code is where pikerd's own config
+    says (RPC has no authentication: no argument chooses code to run)."""
+    check_spawnable(init)
+    if init == BOT_INIT:
+        _check_strategy_code(kwargs)
+    return resolve_spec(init, kwargs)
+
+
+def _check_strategy_code(kwargs: dict[str, Any]) -> None:
+    sdir, raw = kwargs.get('strategies_dir'), kwargs.get('strategy_cfg')
+    if not isinstance(sdir, str) or not isinstance(raw, dict):
+        raise SpecError('a bot spec needs `strategies_dir` and `strategy_cfg`')
+    try:
+        scfg = msgspec.convert(raw, StrategyCfg)
+    except msgspec.ValidationError as err:
+        raise SpecError(f'bad strategy_cfg of a bot spec: {err}') from None
+    own = get_strategy_code()
+    if own is None or own.strategies_dir is None:
+        raise SpecError('this pikerd has no strategies_dir of its own, so it starts no '
+                        'strategy for a client (run `piker pikerd -c bot.toml`)')
+    if Path(sdir).resolve() != Path(own.strategies_dir).resolve():
+        raise ConfigMismatch(
+            f'bot.{scfg.name}: strategies_dir {sdir} is not the tree\'s '
+            f'{own.strategies_dir}: strategy code loads only from the strategies_dir of '
+            "pikerd's own config (stop the running tree, or use the config it was started "
+            'with)')
+    module = scfg.strategy.partition(':')[0]
+    if '.' in module and scfg.strategy not in own.modules and not under_prefixes(module):
+        raise SpecError(
+            f'bot.{scfg.name}: strategy {scfg.strategy!r} is neither in the running tree\'s '
+            "config nor under piker's module prefixes; pikerd imports no module a client "
+            'names (put it in pikerd\'s bot.toml)')
 
 
 @tractor.context

@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
+import msgspec
 import tractor
 import trio
 
-from ..config import SupervisionCfg
+from ..config import SupervisionCfg, is_loopback_host
 from ..log import get_logger, setup_logging
 from ._health import healthd_init, run_heartbeat
 from ._services import Services
@@ -32,6 +33,18 @@ STARTUP_TIMEOUT_SECS = 30.0
 PIKERD_MODULES = ['piker.service._rpc']
 
 _services: Services | None = None
+_strategy_code: StrategyCode | None = None
+
+
+class StrategyCode(msgspec.Struct, frozen=True, kw_only=True):
+    """Where this tree may load strategy code from: pikerd's own config.
+
+    A bot spec a client sends over RPC must name this ``strategies_dir``; a
+    dotted-path strategy must be one of ``modules`` or under piker's daemon
+    prefixes. RPC is unauthenticated, so no argument may choose code to run.
+    """
+    strategies_dir: str | None = None
+    modules: list[str] = msgspec.field(default_factory=list)
 
 
 class RuntimeStartupError(RuntimeError):
@@ -108,6 +121,11 @@ def get_services() -> Services | None:
 
 # the name our probes give in the handshake; never registered anywhere
 PROBE_NAME = 'piker-probe'
+
+
+def get_strategy_code() -> StrategyCode | None:
+    """pikerd's :class:`StrategyCode`, when this process is pikerd."""
+    return _strategy_code
 
 
 def registry_answers(addr: tuple[str, int], timeout_secs: float = 0.5) -> bool:
@@ -207,6 +225,7 @@ async def open_runtime(
     enable_modules: list[str] | None = None,
     handle_signals: bool = False,
     supervision: SupervisionCfg | None = None,
+    strategy_code: StrategyCode | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open this process's root actor on ``registry_addr`` (see module doc).
 
@@ -216,11 +235,20 @@ async def open_runtime(
     stop deadline short. As pikerd, a supervision escalation does the same
     with exit code :data:`EXIT_ESCALATED`. On exit as pikerd, daemons are
     stopped tier by tier within what is left of the stop deadline.
+    ``strategy_code``: as pikerd, where strategies a client asks for may
+    come from (none without it).
+
+    Children always bind loopback; this root binds the registry host, which
+    the config allows off loopback only with ``[registry] allow_remote``.
     """
-    global _services
+    global _services, _strategy_code
     registry_addr = (registry_addr[0], int(registry_addr[1]))
     _export_env(loglevel, heartbeat_secs, state_dir)
     setup_logging(loglevel, actor=name)
+    if not is_loopback_host(registry_addr[0]):
+        log.warning('runtime.remote_exposed', host=registry_addr[0], port=registry_addr[1],
+                    hint='tractor RPC has no authentication: anyone reaching this address '
+                         'can call the tree; set by `[registry] allow_remote = true`')
     with trio.open_signal_receiver(*STOP_SIGNALS) if handle_signals else nullcontext() as sigs:
         attach = registry_answers(registry_addr)
         if attach and not registry_is_tractor(registry_addr):
@@ -254,6 +282,7 @@ async def open_runtime(
                         watchers.start_soon(_watch_signals, sigs, rt)
                     yield rt
                 else:
+                    _strategy_code = strategy_code
                     rt = Runtime(PIKERD, registry_addr, True,
                                  stop_timeout_secs=stop_timeout_secs)
                     if sigs is not None:
@@ -264,7 +293,7 @@ async def open_runtime(
                         yield rt
                 watchers.cancel_scope.cancel()
         finally:
-            _services = None
+            _services = _strategy_code = None
 
 
 async def _watch_signals(sigs: Any, rt: Runtime) -> None:

@@ -34,6 +34,7 @@ from ._spec import DaemonSpec, config_diff, import_path
 log = get_logger(__name__)
 
 START_TIMEOUT_SECS = 30.0
+CHILD_BIND_ADDR = ('127.0.0.1', 0)
 STOP_TIMEOUT_SECS = 5.0
 
 ServiceState = Literal['running', 'restarting', 'failed', 'stopped']
@@ -182,6 +183,8 @@ class Services:
         fixture = import_path(spec.fixture)
         portal = await self._an.start_actor(
             spec.name,
+            # loopback whatever the registry host: tractor RPC has no authentication
+            bind_addr=CHILD_BIND_ADDR,
             enable_modules=spec.enable_modules,
             infect_asyncio=spec.infect_asyncio,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -70,9 +71,45 @@ def import_path(path: str) -> Any:
 
 
 def _prefixes() -> list[str]:
+    return ['piker', *_extra_prefixes()]
+
+
+def _extra_prefixes() -> list[str]:
     # test suites add their own daemon modules through this variable
     extra = os.environ.get('PIKER_EXTRA_DAEMON_PREFIXES', '')
-    return ['piker', *filter(None, extra.split(','))]
+    return list(filter(None, extra.split(',')))
+
+
+def under_prefixes(module: str, prefixes: list[str] | None = None) -> bool:
+    return any(module == p or module.startswith(p + '.')
+               for p in (_prefixes() if prefixes is None else prefixes))
+
+
+# the daemon kinds a client may ask pikerd for over RPC; anything else in piker
+# (say `piker.config:write_toml_atomic`) is not a daemon and never called remotely
+BOT_INIT = 'piker.bot._actor:bot_init'
+SPAWNABLE_INITS = frozenset({
+    'piker.service._health:healthd_init',
+    'piker.data._sampler:samplerd_init',
+    'piker.data._feed:datad_init',
+    'piker.clearing._ems:emsd_init',
+    'piker.clearing._paper:paperboi_init',
+    BOT_INIT,
+})
+# a backend's order side: `piker.brokers.<backend>.broker:brokerd_init`
+_BROKERD_INIT = re.compile(r'piker\.brokers\.[a-z][a-z0-9_]*\.broker:brokerd_init')
+
+
+def check_spawnable(init: str) -> None:
+    """Refuse an init path a client may not have pikerd call: one of
+    :data:`SPAWNABLE_INITS`, a backend's ``brokerd_init``, or (tests) a module
+    under ``PIKER_EXTRA_DAEMON_PREFIXES``."""
+    if init in SPAWNABLE_INITS or _BROKERD_INIT.fullmatch(init):
+        return
+    if under_prefixes(init.partition(':')[0], _extra_prefixes()):
+        return
+    raise SpecError(f'{init!r} is not a daemon kind pikerd spawns for a client '
+                    "(allowed: piker's own `<kind>_init` functions)")
 
 
 def resolve_spec(init: str, kwargs: dict[str, Any]) -> DaemonSpec:

@@ -248,6 +248,10 @@ class Router:
         self._register(track, None, owner)
         self.publish(status)
 
+    def _route_of(self, fqme: str) -> tuple[Order, str] | str:
+        """:meth:`_resolve` for a market alone (warm-ups, resolves by oid)."""
+        return self._resolve(Order(oid='', fqme=fqme, action='buy', size=1))
+
     def _resolve(self, order: Order) -> tuple[Order, str] | str:
         """The order with its canonical fqme, and its backend; or why not."""
         try:
@@ -419,7 +423,7 @@ class Router:
         by_backend: dict[str, list[str]] = defaultdict(list)
         errors: dict[str, str] = {}
         for fqme in msg.fqmes:
-            resolved = self._resolve(Order(oid='', fqme=fqme, action='buy', size=1))
+            resolved = self._route_of(fqme)
             if isinstance(resolved, str):
                 errors[fqme] = resolved
             else:
@@ -480,22 +484,14 @@ class Router:
                 continue
             backend = self.routes.get(oid)
             if backend is None:
-                resolved = self._resolve(Order(oid=oid, fqme=fqme, action='buy', size=1))
+                resolved = self._route_of(fqme)
                 if isinstance(resolved, str):
                     undecided[oid] = resolved
                     continue
                 backend = resolved[1]
             by_backend[backend].append(oid)
         for backend, oids in by_backend.items():
-            try:
-                reply: BrokerdResolved = await self._ask_broker(
-                    backend, BrokerdResolve(reqid=uuid.uuid4().hex, oids=oids),
-                    RESOLVE_TIMEOUT_SECS)
-            except trio.Cancelled:
-                raise
-            except Exception as err:
-                undecided.update({oid: _describe(err) for oid in oids})
-                continue
+            reply = await self._resolve_at(backend, oids)
             fills += reply.fills
             undecided.update(reply.undecided)
             for bo in reply.working:
@@ -659,21 +655,26 @@ class Router:
         elif resting:
             self._nursery.start_soon(self._redial, link.backend)
 
-    async def _resolve_in_flight(self, backend: str, name: str, reason: str,
-                                 oids: list[str]) -> None:
-        """Orders a broker died before answering: ask its successor by oid
-        (its ledger has every fill the dead one made) instead of guessing;
-        nothing is sent again. Redials the broker, so resting orders resume."""
-        await trio.sleep(REDIAL_DELAY_SECS)
+    async def _resolve_at(self, backend: str, oids: list[str]) -> BrokerdResolved:
+        """Ask ``backend``'s broker about ``oids``; a broker that cannot answer
+        leaves every one undecided (never assumed lost)."""
         try:
-            reply: BrokerdResolved = await self._ask_broker(
+            return await self._ask_broker(
                 backend, BrokerdResolve(reqid=uuid.uuid4().hex, oids=oids),
                 RESOLVE_TIMEOUT_SECS)
         except trio.Cancelled:
             raise
         except Exception as err:
             log.error('ems.resolve_failed', backend=backend, error=_describe(err))
-            reply = BrokerdResolved(reqid='', undecided={oid: _describe(err) for oid in oids})
+            return BrokerdResolved(reqid='', undecided={oid: _describe(err) for oid in oids})
+
+    async def _resolve_in_flight(self, backend: str, name: str, reason: str,
+                                 oids: list[str]) -> None:
+        """Orders a broker died before answering: ask its successor by oid
+        (its ledger has every fill the dead one made) instead of guessing;
+        nothing is sent again. Redials the broker, so resting orders resume."""
+        await trio.sleep(REDIAL_DELAY_SECS)
+        reply = await self._resolve_at(backend, oids)
         now = now_ns()
         for fill in reply.fills:
             track = self.tracks.get(fill.oid)

@@ -18,6 +18,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import msgspec
 import tractor
 import trio
 
@@ -119,6 +120,11 @@ def _escape_trio_run() -> None:
         os._exit(1)
 
 
+class CrasherCfg(msgspec.Struct, frozen=True, kw_only=True):
+    how: str
+    marker_dir: str
+
+
 def crasher_init(how: str = 'raise', marker_dir: str = '/nonexistent') -> DaemonSpec:
     if how not in HOW:
         raise ValueError(f'crasher: how must be one of {HOW}, found {how!r}')
@@ -126,7 +132,7 @@ def crasher_init(how: str = 'raise', marker_dir: str = '/nonexistent') -> Daemon
         name=f'crasher.{how}', kind='crasher',
         fixture='tests._crashers:_setup_persistent_crasher',
         enable_modules=['tests._crashers'],
-        fixture_kwargs={'how': how, 'marker_dir': marker_dir},
+        config=CrasherCfg(how=how, marker_dir=marker_dir),
         infect_asyncio=how == 'aio',
         critical=False,
     )

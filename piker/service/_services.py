@@ -321,7 +321,10 @@ class Services:
         actor = tractor.current_actor()
         uid = portal.channel.uid
         if getattr(actor, 'is_arbiter', False) and uid is not None:
-            await actor.unregister_actor(uid)  # type: ignore[attr-defined]
+            try:
+                await actor.unregister_actor(uid)  # type: ignore[attr-defined]
+            except KeyError:
+                pass  # it exited cleanly (a crash we cancelled) and unregistered itself
 
     # -- stop -----------------------------------------------------------------
     async def stop(self, name: str, timeout_secs: float = STOP_TIMEOUT_SECS) -> bool:
